@@ -1,0 +1,285 @@
+"""The one place that touches checkpoint files: lazy reading and the streaming, atomic safetensors writer.
+
+Reading never holds a whole model: safetensors tensors come one at a time from a memory map, and a
+`.ckpt`/`.pt` is loaded only through `torch.load(weights_only=True, mmap=True)`, which refuses any pickle
+that needs more than tensors and plain containers.  Writing streams tensors into a temporary file beside the
+target, then flushes and renames it, so a failed or cancelled job never leaves a partial output.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read or written; the message names the file and what is wrong."""
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class TensorInfo:
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype):
+        self.shape, self.dtype = shape, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+    def __repr__(self) -> str:
+        return f"TensorInfo({self.shape}, {self.dtype})"
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header: (tensors, metadata, size of the data section)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                  f"(header says {header_len} bytes, file has {size})")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for key, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
+        info = TensorInfo(shape, dtype)
+        if end - begin != info.nbytes:
+            raise CheckpointError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} {dtype}")
+        data_end = max(data_end, end)
+        tensors[key] = info
+    available = size - 8 - header_len
+    if data_end > available:
+        raise CheckpointError(f"{path}: truncated: tensors need {data_end} bytes of data, "
+                              f"file has {available} (an interrupted download or copy?)")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}, data_end
+
+
+class Checkpoint:
+    """A checkpoint opened for lazy reading. Use as a context manager, or call close()."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        self._state_dict: dict[str, torch.Tensor] | None = None
+        self._handle = None
+        if self.path.suffix.lower() in PICKLE_SUFFIXES:
+            self._state_dict = _load_pickle(self.path)
+            self.infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._state_dict.items()}
+            self.metadata: dict[str, str] = {}
+        else:
+            self.infos, self.metadata, _ = read_safetensors_header(self.path)
+            from safetensors import safe_open
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.path}: cannot open as safetensors ({e})") from None
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle = None
+        self._state_dict = None
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: i.shape for k, i in self.infos.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor for `key`. Safetensors tensors are memory-mapped views: never modify them in place."""
+        if self._state_dict is not None:
+            return self._state_dict[key]
+        if self._handle is None:
+            raise CheckpointError(f"{self.path}: read after close")
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: this pickle needs more than tensors to load, and running its code could "
+            f"be unsafe. Convert it to .safetensors with a tool you trust. ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:  # torch's zip reader: truncated or not a checkpoint at all
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                      overwrite: bool = False) -> Path:
+    """Refuse an output that is one of the inputs, or an existing file unless overwrite is allowed."""
+    path = Path(path)
+    for source in inputs:
+        if path.exists() and same_file(path, source):
+            raise CheckpointError(f"{path}: refusing to write over an input of this job")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists (allow overwriting to replace it)")
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: outputs are written as .safetensors; use that extension")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path.parent}: output folder does not exist")
+    return path
+
+
+def check_free_space(folder: str | os.PathLike, nbytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    margin = 64 * 1024 * 1024
+    if free < nbytes + margin:
+        raise CheckpointError(f"{folder}: not enough free disk space: the output needs "
+                              f"{nbytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+
+
+def metadata_strings(metadata: Mapping[str, object]) -> dict[str, str]:
+    """safetensors metadata holds strings only: serialise everything else as JSON."""
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+class SafetensorsWriter:
+    """Streams tensors into a new safetensors file whose header is known up front.
+
+        with SafetensorsWriter(out, {key: TensorInfo(shape, dtype), ...}, metadata, inputs=[a, b]) as w:
+            for key in w.keys: w.write(key, tensor)
+
+    Tensors must be written in header order.  On success the file is flushed and renamed into place;
+    on any error, cancellation or interruption the temporary file is removed and nothing appears.
+    """
+
+    def __init__(self, path: str | os.PathLike, infos: Mapping[str, TensorInfo],
+                 metadata: Mapping[str, object] | None = None, *, inputs: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = False, check_space: bool = True):
+        self.path = check_output_path(path, inputs, overwrite)
+        self.infos = dict(infos)
+        self.keys = list(self.infos)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = metadata_strings(metadata)
+        offset = 0
+        for key, info in self.infos.items():
+            header[key] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape),
+                           "data_offsets": [offset, offset + info.nbytes]}
+            offset += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._header = struct.pack("<Q", len(raw)) + raw
+        self.size = len(self._header) + offset
+        if check_space:
+            check_free_space(self.path.parent, self.size)
+        self._next = 0
+        self._file = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> "SafetensorsWriter":
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is an ordinary file
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._file.write(self._header)
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.keys) or self.keys[self._next] != key:
+            expected = self.keys[self._next] if self._next < len(self.keys) else "nothing"
+            raise CheckpointError(f"{self.path}: wrote {key!r} out of order (expected {expected})")
+        info = self.infos[key]
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise CheckpointError(f"{self.path}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                                  f"header says {info.shape} {info.dtype}")
+        if info.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._next != len(self.keys):
+                raise CheckpointError(f"{self.path}: only {self._next} of {len(self.keys)} tensors written")
+            self._file.flush()
+            if exc_type is None:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            if self._tmp is not None and self._tmp.exists():
+                self._tmp.unlink()
+
+
+def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                    metadata: Mapping[str, object] | None = None, **options) -> Path:
+    """Write a small in-memory state dict through the streaming writer (tests, tools)."""
+    infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    with SafetensorsWriter(path, infos, metadata, **options) as writer:
+        for key in writer.keys:
+            writer.write(key, tensors[key])
+    return writer.path
