@@ -10,7 +10,7 @@ from ..checkpoint import CheckpointError
 from ..progress import Cancelled
 
 # Each module defines register(subparsers); a subcommand's handler is stored as its `func` default.
-COMMAND_MODULES = ("foundation",)
+COMMAND_MODULES = ("foundation", "merge", "ui", "spec", "rebasin")
 
 
 class UsageError(Exception):

@@ -1,0 +1,200 @@
+"""The host inside AUTOMATIC1111 1.10: its checkpoint registry, models folder, device, queue lock and progress
+state (`shared.state`), settings, and txt2img's X/Y/Z plot.  `modules` is imported inside methods only, so
+this file imports anywhere; Forge's differences live in `forge.py`.
+
+Traps handled here (see the webui extension reference): the queue lock is not re-entrant; the tab's merge runs
+inside `wrap_gradio_gpu_call`, which holds it; `shared.sd_model` loads a model on first access, so the live
+model is read from `sd_models.model_data`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+from typing import Callable, Iterator
+
+from ..checkpoint import same_file
+from .base import Host, Settings, UnknownCheckpoint, XyzTargets, parse_credentials
+
+PROGRESS_STEPS = 1000
+SETTINGS_SECTION = ("rebasin", "Re-Basin Merge")
+SETTINGS_CATEGORY = "sd"  # listed with the webui's Stable Diffusion settings
+XYZ_SCRIPT_FILE = "xyz_grid.py"
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]\s*$")
+
+
+class A1111Host(Host):
+    name = "a1111"
+    label = "AUTOMATIC1111"
+    can_load = True
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def checkpoint_titles(self) -> list[str]:
+        from modules import sd_models
+        return list(sd_models.checkpoint_tiles())
+
+    def refresh_checkpoints(self) -> None:
+        from modules import sd_models, sd_vae
+        sd_models.list_models()
+        sd_vae.refresh_vae_list()
+
+    def _info(self, title: str):
+        """Exact lookup among the registry's aliases (title, name, hash...); a title whose hash part is stale
+        (the file was hashed since the list was sent) is found by its name.  No substring matching: only
+        names from the list are accepted."""
+        from modules import sd_models
+        info = sd_models.checkpoint_aliases.get(title)
+        if info is None:
+            info = sd_models.checkpoint_aliases.get(_HASH_SUFFIX.sub("", title))
+        return info
+
+    def checkpoint_path(self, title: str) -> str:
+        info = self._info(title) if title else None
+        if info is None:
+            raise UnknownCheckpoint(f"{title!r} is not in the webui's checkpoint list (refresh the list?)")
+        return info.filename
+
+    def _info_for_path(self, path: str):
+        from modules import sd_models
+        if not os.path.exists(path):
+            return None
+        for info in sd_models.checkpoints_list.values():
+            if os.path.exists(info.filename) and same_file(info.filename, path):
+                return info
+        return None
+
+    def title_for_path(self, path: str) -> str | None:
+        info = self._info_for_path(path)
+        return info.title if info is not None else None
+
+    def models_dir(self) -> str:
+        from modules import sd_models, shared
+        return shared.cmd_opts.ckpt_dir or sd_models.model_path
+
+    def vae_files(self) -> dict[str, str]:
+        from modules import sd_vae
+        return dict(sd_vae.vae_dict)
+
+    # --- device and settings ----------------------------------------------------------------------------------
+    def default_device(self) -> str:
+        from modules import devices
+        return str(devices.device) if devices.device is not None else devices.get_optimal_device_name()
+
+    def settings(self) -> Settings:
+        from modules import shared
+        opts = shared.opts
+        return Settings(dtype=getattr(opts, "rebasin_dtype", "fp16") or "fp16",
+                        device=getattr(opts, "rebasin_device", "") or "",
+                        permutation_cache=getattr(opts, "rebasin_permutation_cache", "") or "")
+
+    def register_settings(self, options: list[tuple[str, object, str, object, dict | Callable | None, str]]) -> None:
+        """Add our options to the webui's Settings page: (key, default, label, component, component_args, info)."""
+        from modules import shared
+        for key, default, label, component, component_args, info in options:
+            option = shared.OptionInfo(default, label, component=component, component_args=component_args,
+                                       section=SETTINGS_SECTION, category_id=SETTINGS_CATEGORY)
+            shared.opts.add_option(key, option.info(info) if info else option)
+
+    @contextlib.contextmanager
+    def vram_freed(self, device: str) -> Iterator[None]:
+        from modules import devices, sd_models
+        model = sd_models.model_data.sd_model
+        if not device.startswith("cuda") or model is None:
+            yield
+            return
+        sd_models.unload_model_weights(model)
+        devices.torch_gc()
+        try:
+            yield
+        finally:
+            devices.torch_gc()
+            sd_models.send_model_to_device(model)
+
+    # --- jobs -------------------------------------------------------------------------------------------------
+    def _exclusive(self):
+        from modules import call_queue
+        return call_queue.queue_lock
+
+    def _begin(self, label: str) -> None:
+        from modules import shared
+        shared.state.begin(job=label)
+        self._start_counting()
+
+    def _start_counting(self) -> None:
+        from modules import shared
+        shared.state.job_count = 1
+        shared.state.sampling_steps = PROGRESS_STEPS
+        shared.state.sampling_step = 0
+
+    def _end(self) -> None:
+        from modules import shared
+        shared.state.end()
+
+    def _set_progress(self, fraction: float, message: str) -> None:
+        from modules import shared
+        shared.state.sampling_step = int(fraction * PROGRESS_STEPS)
+        shared.state.textinfo = message
+
+    def _host_interrupted(self) -> bool:
+        from modules import shared
+        return bool(shared.state.interrupted)
+
+    def _interrupt_running(self) -> None:
+        from modules import shared
+        shared.state.interrupt()
+
+    def wrap_ui_job(self, handler: Callable[..., list], extra_outputs: list) -> Callable[..., tuple]:
+        """`call_queue.wrap_gradio_gpu_call`: the queue lock, `shared.state.begin/end`, errors as the last
+        output's HTML, timing appended to it."""
+        from modules import call_queue
+
+        @functools.wraps(handler)
+        def body(*args, **kwargs):
+            with self.jobs.running_job():
+                self._start_counting()
+                return handler(*args, **kwargs)
+
+        gpu_call = call_queue.wrap_gradio_gpu_call(body, extra_outputs=list(extra_outputs))
+
+        @functools.wraps(handler)
+        def wrapped(*args, **kwargs):
+            with self.jobs.submitted_job():
+                return gpu_call(*args, **kwargs)
+        return wrapped
+
+    # --- UI and API plumbing ----------------------------------------------------------------------------------
+    def queue_enabled(self) -> bool:
+        from modules import shared
+        return not getattr(shared.cmd_opts, "no_gradio_queue", False)
+
+    def api_enabled(self) -> bool:
+        from modules import shared
+        return bool(getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False))
+
+    def api_credentials(self) -> dict[str, str] | None:
+        from modules import shared
+        return parse_credentials(getattr(shared.cmd_opts, "api_auth", None))
+
+    def xyz_targets(self) -> XyzTargets | None:
+        """The built-in X/Y/Z plot's controls in txt2img (built before extension tabs), if it is there."""
+        from modules import scripts
+        runner = getattr(scripts, "scripts_txt2img", None)
+        if runner is None or not getattr(runner, "inputs", None) or runner.inputs[0] is None:
+            return None
+        for script in runner.selectable_scripts:
+            if os.path.basename(getattr(script, "filename", "") or "") == XYZ_SCRIPT_FILE:
+                controls = runner.inputs[script.args_from:script.args_to]
+                if len(controls) < 3:
+                    return None
+                return XyzTargets(runner.inputs[0], script.title(), controls[0], controls[1], controls[2])
+        return None
+
+    def xyz_checkpoint_choices(self) -> list[str]:
+        """The Checkpoint name axis' own choices: the registry's titles."""
+        from modules import sd_models
+        return sorted(sd_models.checkpoints_list, key=str.casefold)
+
+    def xyz_title_for_path(self, path: str) -> str | None:
+        info = self._info_for_path(path)
+        return info.title if info is not None else None

@@ -1,0 +1,581 @@
+"""Weight matching: the permutations that bring model B into model A's basis.
+
+The objective is `Σ_k ⟨A_k, P(B)_k⟩` over every tensor the spec binds.  With every other group fixed, the
+part that depends on one group's permutation `p` is `Σ_i C[i, p[i]]` with `C = Σ_b A_b · B̃_bᵀ`, one product
+per binding `b` of the group (`A_b`, `B̃_b`: the bound window moved to the front and flattened, B with all other
+groups' current permutations applied).  Coordinate descent visits the groups in a seeded order and gives each
+the best valid permutation for its cost; a change is kept only when it beats the current one by more than a
+relative tolerance, and it marks the groups that share a tensor with it for another visit.  Matching stops when
+no group is marked.  A group that shares no tensor with another one is solved once.
+
+Speed.  The first sweep starts with a certification pass: the tensors are read once, in file order, and every
+group's cost is summed as its tensors go by; a group whose cost proves its current permutation optimal is
+done without the solver.  Only the others are visited one by one (in the seeded order), which for two
+fine-tunes of one base is almost none.  When bfloat16 products are faster than float32 on the device, costs
+are first computed in bfloat16 with a rigorous error bound (`costs.Partial`, `assignment.screen`); the float32
+cost is computed only for a group the approximate one cannot decide.  Tensors are read from the
+(memory-mapped) sources and upcast one at a time: no copy of a whole model is held.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Mapping, Protocol
+
+import torch
+
+from . import assignment
+from .costs import Partial, inner_product, inner_products
+from .progress import SILENT, Monitor
+from .spec.core import Binding, Group, Permutations, Spec, identity, is_identity
+
+PASS_MEMORY = 1 << 30         # bytes of unfinished costs the certification pass may hold; beyond, groups wait
+PREFETCH_ELEMENTS = 1 << 27   # read-ahead hints cover about this many elements of each source at a time
+
+
+class TensorSource(Protocol):
+    """Where matching reads weights: a Checkpoint, or any object with `get(key)` and `shapes`."""
+    shapes: Mapping[str, tuple[int, ...]]
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class StateDictSource:
+    """An in-memory state dict as a TensorSource."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+        self.shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+def as_source(source) -> TensorSource:
+    if isinstance(source, Mapping):
+        return StateDictSource(source)
+    if not (hasattr(source, "get") and hasattr(source, "shapes")):
+        raise TypeError(f"{type(source).__name__} is not a tensor source (needs get(key) and shapes)")
+    return source
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    seed: int = 0
+    max_sweeps: int = 100
+    rtol: float = 1e-6          # a group changes only if that gains more than rtol × (Σ_i max_j |C_ij|)
+    device: str = "cpu"
+    screen: str = "auto"        # "auto": bfloat16 certificate pass when it is faster; "on"; "off"
+    workers: int = 0            # CPU threads (0: as many as torch uses); each runs torch single-threaded
+
+
+@dataclass
+class SweepRecord:
+    sweep: int
+    visited: int
+    changed: int
+    objective: float
+    solver_needed: int
+    solver_solved: int
+    screened: int               # groups decided by a proof from their cost, without the solver
+    seconds: float
+
+
+@dataclass
+class MatchReport:
+    groups: int
+    uncoupled: int
+    changed: list[str]          # groups whose final permutation is not the identity
+    sweeps: list[SweepRecord]
+    converged: bool
+    objective_before: float     # at the initial permutations (identity unless warm-started)
+    objective_after: float
+    solver_needed: int
+    solver_solved: int
+    seconds: dict[str, float]
+    blocks: dict[str, dict[str, float]]  # per block: cosine of A and B before and after matching
+    device: str
+    screen_dtype: str | None
+    seed: int
+
+    @property
+    def solver_skipped(self) -> int:
+        return max(self.solver_needed - self.solver_solved, 0)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["changed_groups"] = f"{len(self.changed)}/{self.groups}"
+        out["solver_skipped"] = self.solver_skipped
+        out["solver_skipped_fraction"] = self.solver_skipped / self.solver_needed if self.solver_needed else 1.0
+        return out
+
+
+@dataclass
+class MatchResult:
+    perms: Permutations
+    report: MatchReport
+
+
+# --- the plan: which tensors each group reads ------------------------------------------------------------------
+
+@dataclass
+class _KeyUse:
+    key: str
+    axis: int
+    bindings: list[Binding]
+
+
+@dataclass
+class _Plan:
+    groups: dict[str, Group]
+    uses: dict[str, list[_KeyUse]]                  # group -> keys it is bound to
+    by_key: dict[str, list[tuple[Group, Binding]]]
+    neighbours: dict[str, set[str]]
+    layouts: dict[str, assignment.Layout]
+    work: dict[str, float]                           # multiply-adds of one cost, for progress
+    shapes: dict[str, tuple[int, ...]]               # of the bound keys
+
+
+def make_plan(spec: Spec, shapes: Mapping[str, tuple[int, ...]]) -> _Plan:
+    by_key = spec.by_key()
+    missing = sorted(k for k in by_key if k not in shapes)
+    if missing:
+        raise ValueError(f"the spec binds {len(missing)} keys the model does not have: {', '.join(missing[:5])}")
+    uses: dict[str, list[_KeyUse]] = {name: [] for name in spec.groups}
+    work = {name: 0.0 for name in spec.groups}
+    for key, entries in by_key.items():
+        shape = shapes[key]
+        per_group: dict[str, list[Binding]] = defaultdict(list)
+        for group, b in entries:
+            if not (0 <= b.axis < len(shape)) or b.offset < 0 or b.offset + b.width > shape[b.axis]:
+                raise ValueError(f"{key}: group {group.name} binds axis {b.axis} [{b.offset}:{b.offset + b.width}] "
+                                 f"outside shape {tuple(shape)}")
+            if b.group_offset < 0 or b.group_offset + b.width > group.size:
+                raise ValueError(f"{key}: group {group.name} binding exceeds its {group.size} positions")
+            per_group[group.name].append(b)
+        for name, bindings in per_group.items():
+            axes = {b.axis for b in bindings}
+            if len(axes) != 1:
+                raise ValueError(f"{key}: group {name} is bound to several axes {sorted(axes)}; "
+                                 f"its cost would not be linear in its permutation")
+            uses[name].append(_KeyUse(key, bindings[0].axis, bindings))
+            rest = math.prod(shape) // shape[bindings[0].axis]
+            work[name] += sum(b.width * b.width * rest for b in bindings)
+    neighbours = {name: set() for name in spec.groups}
+    for entries in by_key.values():
+        names = {g.name for g, _ in entries}
+        for name in names:
+            neighbours[name] |= names - {name}
+    layouts = {name: assignment.layout_of(g) for name, g in spec.groups.items()}
+    return _Plan(dict(spec.groups), uses, by_key, neighbours, layouts, work,
+                 {k: tuple(shapes[k]) for k in by_key})
+
+
+# --- applying permutations while reading --------------------------------------------------------------------
+
+def _axis_index(plan: _Plan, key: str, axis: int, size: int, perms: Permutations,
+                selected) -> torch.Tensor | None:
+    """The gather index of one axis of `key` under the `selected` groups' perms; None if it is the identity."""
+    index = None
+    for group, b in plan.by_key[key]:
+        if b.axis != axis or not selected(group.name):
+            continue
+        window = perms[group.name][b.group_offset:b.group_offset + b.width]
+        if torch.equal(window, torch.arange(b.group_offset, b.group_offset + b.width)):
+            continue
+        if index is None:
+            index = torch.arange(size)
+        index[b.offset:b.offset + b.width] = window - b.group_offset + b.offset
+    return index
+
+
+def _permuted(plan: _Plan, key: str, tensor: torch.Tensor, perms: Permutations, *,
+              skip: str | None = None) -> torch.Tensor:
+    """`tensor` with the permutations of every group (but `skip`) applied."""
+    def selected(name): return name != skip
+    for axis in range(tensor.dim()):
+        index = _axis_index(plan, key, axis, tensor.shape[axis], perms, selected)
+        if index is not None:
+            tensor = tensor.index_select(axis, index.to(tensor.device))
+    return tensor
+
+
+def _screen_dtype(option: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 when its products are faster than float32 on this device (measured once), else None."""
+    if option == "off":
+        return None
+    if option == "on" or device.type == "cuda":
+        return torch.bfloat16
+    key = str(device)
+    if key not in _SCREEN_PROBE:
+        x = torch.randn(512, 512, device=device)
+        timings = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            y = x.to(dtype)
+            y @ y
+            runs = []
+            for _ in range(5):
+                start = time.perf_counter()
+                y @ y
+                runs.append(time.perf_counter() - start)
+            timings[dtype] = min(runs)
+        _SCREEN_PROBE[key] = timings[torch.bfloat16] < 0.7 * timings[torch.float32]
+    return torch.bfloat16 if _SCREEN_PROBE[key] else None
+
+
+_SCREEN_PROBE: dict[str, bool] = {}
+
+
+class _Matcher:
+    def __init__(self, plan: _Plan, a: TensorSource, b: TensorSource, perms: Permutations, options: MatchOptions,
+                 monitor: Monitor):
+        self.plan, self.a, self.b, self.options, self.monitor = plan, a, b, options, monitor
+        self.perms = {k: v.clone() for k, v in perms.items()}
+        self.initial = {k: v.clone() for k, v in perms.items()}
+        self.device = torch.device(options.device)
+        self.screen_dtype: torch.dtype | None = None      # set by match() once the threads are set up
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.terms: dict[str, float] = {}                 # key -> ⟨A_k, P(B)_k⟩ under the current perms
+        self.first: dict[str, tuple[float, float, float]] = {}  # key -> (‖A‖², ‖B‖², ⟨A, P_init(B)⟩)
+        self.stale: set[str] = set()                      # keys whose term needs recomputing
+        self.undecided: set[str] = set()                  # groups the screening could not decide (unchanged since)
+        self.count = assignment.SolverCount()
+        self.workers = 1
+        self.pool: ThreadPoolExecutor | None = None
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def _load(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's and B's tensor on the device, in their stored dtype (upcast happens per window).  Runs in the
+        worker threads."""
+        self.monitor.check()
+        a = self.a.get(key).to(self.device)
+        b = self.b.get(key).to(self.device)
+        if a.shape != b.shape:
+            raise ValueError(f"{key}: shapes differ between the models: {tuple(a.shape)} and {tuple(b.shape)}")
+        if key not in self.first:
+            self.first[key] = inner_products(a, _permuted(self.plan, key, b, self.initial))
+            self.terms[key] = self.first[key][2]
+        return a, b
+
+    def _contribute(self, key: str, targets: list[tuple[str, _KeyUse, Partial]]) -> None:
+        """Read one tensor and add it to the costs of the given groups (a worker-thread task)."""
+        a, b = self._load(key)
+        for name, use, partial in targets:
+            partial.add(a, _permuted(self.plan, key, b, self.perms, skip=name), use.bindings)
+
+    def _term(self, key: str) -> None:
+        a, b = self._load(key)
+        self.terms[key] = inner_product(a, _permuted(self.plan, key, b, self.perms))
+
+    def _update_terms(self) -> None:
+        """Recompute ⟨A_k, P(B)_k⟩ for the keys whose permutations changed since it was last computed."""
+        start = time.perf_counter()
+        for future in [self.pool.submit(self._term, key) for key in sorted(self.stale)]:
+            future.result()
+        self.stale.clear()
+        self.seconds["objective"] += time.perf_counter() - start
+
+    def _read_order(self) -> list[str]:
+        """The bound keys in the order A stores them (sequential reading), else the spec's order."""
+        infos = getattr(self.a, "infos", None) or {}
+        keys = list(self.plan.by_key)
+        offsets = [getattr(infos.get(k), "offset", None) for k in keys]
+        if all(o is not None for o in offsets):
+            keys = [k for _, k in sorted(zip(offsets, keys))]
+        return keys
+
+    def _prefetch(self, keys: list[str]) -> None:
+        """Ask the files behind both sources to start reading these tensors (if they can)."""
+        for source in (self.a, self.b):
+            if hasattr(source, "prefetch"):
+                source.prefetch(keys)
+
+    # -- one group ---------------------------------------------------------------------------------------------
+    def _partial(self, name: str, exact: bool) -> Partial:
+        return Partial(self.plan.groups[name].size, self.device, None if exact else self.screen_dtype)
+
+    def _cost(self, name: str, exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        start = time.perf_counter()
+        partial = self._partial(name, exact)
+        uses = self.plan.uses[name]
+        self._prefetch([use.key for use in uses])
+        for future in [self.pool.submit(self._contribute, use.key, [(name, use, partial)]) for use in uses]:
+            future.result()
+        result = partial.finish()
+        self.seconds["cost"] += time.perf_counter() - start
+        return result
+
+    def _prove(self, name: str, cost: torch.Tensor, error: torch.Tensor | None) -> torch.Tensor | None:
+        """The optimal permutation if the (approximate) cost proves it, else None."""
+        start = time.perf_counter()
+        layout = self.plan.layouts[name]
+        proven = assignment.screen(cost, error if error is not None else torch.zeros_like(cost), layout)
+        self.seconds["solve"] += time.perf_counter() - start
+        return proven
+
+    def visit(self, name: str) -> tuple[bool, bool]:
+        """Give group `name` its best permutation. Returns (changed, decided without the solver by a proof)."""
+        layout = self.plan.layouts[name]
+        current = self.perms[name]
+        if name not in self.undecided and self.screen_dtype is not None:
+            cost, error = self._cost(name, exact=False)
+            proven = self._prove(name, cost, error)
+            if proven is not None and torch.equal(proven, current):
+                self.count.needed += layout.naive_calls
+                return False, True
+            if proven is not None:
+                d = self.device
+                rows = torch.arange(layout.size, device=d)
+                moved = (proven != current).to(d)
+                gain_low = ((cost[rows, proven.to(d)] - error[rows, proven.to(d)])
+                            - (cost[rows, current.to(d)] + error[rows, current.to(d)]))[moved]
+                if float(gain_low.double().sum()) > self.options.rtol * float(cost.abs().amax(1).double().sum()):
+                    self.count.needed += layout.naive_calls
+                    self._accept(name, proven)
+                    return True, True
+        self.undecided.discard(name)
+        cost, _ = self._cost(name, exact=True)
+        start = time.perf_counter()
+        candidate = assignment.solve(cost, layout, current, self.count)
+        gain = assignment.permutation_value(cost, candidate) - assignment.permutation_value(cost, current)
+        scale = float(cost.abs().amax(1).double().sum())
+        self.seconds["solve"] += time.perf_counter() - start
+        if torch.equal(candidate, current) or gain <= self.options.rtol * scale:
+            return False, False
+        self._accept(name, candidate)
+        return True, False
+
+    def _accept(self, name: str, perm: torch.Tensor) -> None:
+        self.perms[name] = perm
+        self.stale.update(use.key for use in self.plan.uses[name])
+        self.undecided -= self.plan.neighbours[name]
+
+    # -- the certification pass ------------------------------------------------------------------------------
+    def certify(self, monitor: Monitor) -> set[str]:
+        """Read every bound tensor once and sum all groups' costs as their tensors go by; a group whose cost
+        proves its current permutation optimal is done.  Returns the groups that still need a visit.  No
+        permutation changes during the pass, so every cost is the one a visit would compute."""
+        start_time = time.perf_counter()
+        plan = self.plan
+        exact = self.screen_dtype is None
+        left = {name: len(uses) for name, uses in plan.uses.items()}
+        use_of = {(use.key, name): use for name, uses in plan.uses.items() for use in uses}
+        partials: dict[str, Partial] = {}
+        futures: dict[str, list[Future]] = defaultdict(list)
+        complete: deque[str] = deque()   # groups whose every tensor has been handed to the workers
+        in_flight: deque[Future] = deque()
+        waiting: set[str] = set()
+        keys = self._read_order()
+        sizes = [math.prod(plan.shapes[k]) for k in keys]
+        total, done, fetched = max(sum(sizes), 1), 0, 0
+
+        def decide(name: str) -> None:
+            partial = partials.pop(name)
+            for future in futures.pop(name):
+                future.result()
+            cost, error = partial.finish()
+            proven = self._prove(name, cost, error)
+            if proven is not None and torch.equal(proven, self.perms[name]):
+                self.count.needed += plan.layouts[name].naive_calls
+                return
+            waiting.add(name)
+            if proven is None and not exact:
+                self.undecided.add(name)
+
+        for index, key in enumerate(keys):
+            if index >= fetched:  # read-ahead hints, a batch of about PREFETCH_ELEMENTS at a time
+                batch_end, batch = fetched, 0
+                while batch_end < len(keys) and batch < PREFETCH_ELEMENTS:
+                    batch += sizes[batch_end]
+                    batch_end += 1
+                self._prefetch(keys[fetched:batch_end])
+                fetched = batch_end
+            monitor.report(done / total, f"certification pass: {key}")
+            targets = []
+            for name in sorted({g.name for g, _ in plan.by_key[key]} - waiting):
+                if name not in partials:
+                    partials[name] = self._partial(name, exact)
+                targets.append((name, use_of[key, name], partials[name]))
+            future = self.pool.submit(self._contribute, key, targets)
+            in_flight.append(future)
+            for name, _, _ in targets:
+                futures[name].append(future)
+                left[name] -= 1
+                if not left[name]:
+                    complete.append(name)
+            while complete and all(f.done() for f in futures[complete[0]]):
+                decide(complete.popleft())
+            while len(in_flight) > 2 * self.workers or (in_flight and in_flight[0].done()):
+                in_flight.popleft().result()
+            evictable = [n for n in partials if n not in complete]
+            while evictable and sum(p.nbytes for p in partials.values()) > PASS_MEMORY:
+                biggest = max(evictable, key=lambda n: partials[n].nbytes)
+                evictable.remove(biggest)
+                del partials[biggest]
+                futures.pop(biggest, None)
+                waiting.add(biggest)
+            done += sizes[index]
+        while complete:
+            decide(complete.popleft())
+        for future in in_flight:
+            future.result()
+        self.seconds["certify"] += time.perf_counter() - start_time
+        return waiting | set(partials)
+
+    # -- sweeps ----------------------------------------------------------------------------------------------
+    def run(self) -> MatchReport:
+        plan, options = self.plan, self.options
+        started = time.perf_counter()
+        names = sorted(plan.groups)
+        sweeps: list[SweepRecord] = []
+        converged = False
+        for sweep in range(1, options.max_sweeps + 1):
+            sweep_start = time.perf_counter()
+            before = assignment.SolverCount(self.count.needed, self.count.solved)
+            if sweep == 1:
+                dirty = self.certify(self.monitor.scaled(0.0, 0.6))
+                certified = len(names) - len(dirty)
+                span = (0.6, 0.9)
+            else:
+                certified = 0
+                span = (1 - 0.1 * 0.5 ** (sweep - 2), 1 - 0.1 * 0.5 ** (sweep - 1))
+            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + sweep)
+            order = [names[i] for i in torch.randperm(len(names), generator=generator).tolist() if names[i] in dirty]
+            changed, screened = 0, certified
+            sweep_work = sum(plan.work[n] for n in order) or 1.0
+            done = 0.0
+            for name in order:
+                self.monitor.report(span[0] + (span[1] - span[0]) * done / sweep_work, f"sweep {sweep}: {name}")
+                dirty.discard(name)
+                moved, proven = self.visit(name)
+                screened += proven
+                if moved:
+                    changed += 1
+                    dirty |= plan.neighbours[name]
+                done += plan.work[name]
+            self._update_terms()
+            sweeps.append(SweepRecord(sweep, len(names) if sweep == 1 else len(order), changed, self.objective(),
+                                      self.count.needed - before.needed, self.count.solved - before.solved,
+                                      screened, time.perf_counter() - sweep_start))
+            if not dirty:
+                converged = True
+                break
+        self.seconds["total"] = time.perf_counter() - started
+        return MatchReport(
+            groups=len(names), uncoupled=sum(1 for n in names if not plan.neighbours[n]),
+            changed=[n for n in names if not is_identity(self.perms[n])],
+            sweeps=sweeps, converged=converged,
+            objective_before=sum(f[2] for f in self.first.values()), objective_after=self.objective(),
+            solver_needed=self.count.needed, solver_solved=self.count.solved,
+            seconds={k: round(v, 3) for k, v in self.seconds.items()},
+            blocks=self.block_alignment(), device=str(self.device),
+            screen_dtype=str(self.screen_dtype).removeprefix("torch.") if self.screen_dtype else None,
+            seed=options.seed)
+
+    def objective(self) -> float:
+        return sum(self.terms.values())
+
+    def block_alignment(self) -> dict[str, dict[str, float]]:
+        sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+        for key, (aa, bb, ab) in self.first.items():
+            s = sums[block_label(key)]
+            s[0] += aa
+            s[1] += bb
+            s[2] += ab
+            s[3] += self.terms.get(key, ab)
+        out = {}
+        for label in sorted(sums, key=_block_sort_key):
+            aa, bb, before, after = sums[label]
+            norm = math.sqrt(aa * bb) or 1.0
+            out[label] = {"before": before / norm, "after": after / norm}
+        return out
+
+
+def match(spec: Spec, a, b, options: MatchOptions = MatchOptions(), *, init: Permutations | None = None,
+          monitor: Monitor = SILENT) -> MatchResult:
+    """Permutations of `spec` that bring `b` into `a`'s basis (maximising Σ⟨A, P(B)⟩), with a report.
+
+    `a` and `b` are tensor sources (a Checkpoint, a state dict, or anything with `get` and `shapes`);
+    `init` warm-starts from a set of permutations (identity by default).
+    """
+    a, b = as_source(a), as_source(b)
+    plan = make_plan(spec, a.shapes)
+    mismatched = [k for k in plan.by_key if tuple(b.shapes.get(k, ())) != tuple(a.shapes[k])]
+    if mismatched:
+        raise ValueError(f"{len(mismatched)} bound tensors differ in shape between the models: "
+                         + ", ".join(f"{k} {tuple(a.shapes[k])} vs {tuple(b.shapes.get(k, ())) or 'missing'}"
+                                     for k in mismatched[:5]))
+    perms = identity(spec) if init is None else {k: init[k].clone().long() for k in spec.groups}
+    for name, perm in perms.items():
+        if not plan.layouts[name].is_valid(perm):
+            raise ValueError(f"initial permutation of group {name} is not valid for its structure")
+    matcher = _Matcher(plan, a, b, perms, options, monitor)
+    cpu = matcher.device.type == "cpu"
+    threads = torch.get_num_threads()
+    matcher.workers = max(1, options.workers or threads) if cpu else 1
+    saved = None if cpu else (torch.backends.cuda.matmul.allow_tf32,
+                              torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+    try:
+        if cpu:  # parallel over tensors, one thread per op: no intra-op hand-offs, which stall a busy machine
+            torch.set_num_threads(1)
+        else:    # TF32 is fine for exact costs; the bfloat16 error bound needs float32 accumulation
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        matcher.screen_dtype = _screen_dtype(options.screen, matcher.device)
+        with torch.no_grad(), ThreadPoolExecutor(matcher.workers, thread_name_prefix="lib_rebasin-match") as pool:
+            matcher.pool = pool
+            try:
+                report = matcher.run()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        if cpu:
+            torch.set_num_threads(threads)
+        else:
+            (torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction) = saved
+    monitor.report(1.0, "matching done")
+    return MatchResult({k: v.cpu() for k, v in matcher.perms.items()}, report)
+
+
+def objective(spec: Spec, a, b, perms: Permutations) -> float:
+    """`Σ_k ⟨A_k, P(B)_k⟩` over the keys `spec` binds, computed directly (float64)."""
+    a, b = as_source(a), as_source(b)
+    plan = make_plan(spec, a.shapes)
+    total = 0.0
+    for key in plan.by_key:
+        ta, tb = a.get(key).double(), b.get(key).double()
+        total += float((ta * _permuted(plan, key, tb, perms)).sum())
+    return total
+
+
+# --- report labels -------------------------------------------------------------------------------------------
+
+_BLOCK_PATTERNS = [
+    (re.compile(r"^model\.diffusion_model\.((?:input|output)_blocks\.\d+)\."), "unet.{}"),
+    (re.compile(r"^model\.diffusion_model\.(middle_block)\."), "unet.{}"),
+    (re.compile(r"^model\.diffusion_model\.(time_embed|label_emb|out)\."), "unet.{}"),
+    (re.compile(r"^conditioner\.embedders\.0\.transformer\.text_model\.encoder\.layers\.(\d+)\."), "clip_l.layer{}"),
+    (re.compile(r"^conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\."), "clip_g.layer{}"),
+    (re.compile(r"^conditioner\.embedders\.0\."), "clip_l.other"),
+    (re.compile(r"^conditioner\.embedders\.1\."), "clip_g.other"),
+]
+
+
+def block_label(key: str) -> str:
+    """The report block of a key: a UNet block, a text-encoder layer, or the key's first two name parts."""
+    for pattern, template in _BLOCK_PATTERNS:
+        m = pattern.match(key)
+        if m:
+            return template.format(*m.groups())
+    return ".".join(key.split(".")[:2])
+
+
+def _block_sort_key(label: str) -> tuple:
+    parts = re.split(r"(\d+)", label)
+    return tuple(int(p) if p.isdigit() else p for p in parts)

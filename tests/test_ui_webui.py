@@ -1,0 +1,277 @@
+"""The extension inside AUTOMATIC1111 1.10 (Gradio 3.41.2) and Forge (Gradio 4.40.0), against stand-ins of the
+webui's modules with the real signatures (tests/webui_stubs).  Each flavour runs only under its own Gradio pin:
+build the venvs with `bash .ci/ui-envs.sh DIR`, then `DIR/gradio3/bin/python -m pytest -m gradio3` and
+`DIR/gradio4/bin/python -m pytest -m gradio4`."""
+from __future__ import annotations
+
+import inspect
+import os
+import runpy
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+from ui_support import ProgressRecorder, act_at, copy_models, handler, leftovers, read, update_value  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STUBS = Path(__file__).resolve().parent / "webui_stubs"
+A1111 = [pytest.mark.gradio3, pytest.mark.skipif(gr.__version__ != "3.41.2", reason=(
+    "A1111 1.10 pins gradio 3.41.2: run in the gradio3 venv of .ci/ui-envs.sh"))]
+FORGE = [pytest.mark.gradio4, pytest.mark.skipif(gr.__version__ != "4.40.0", reason=(
+    "Forge pins gradio 4.40.0: run in the gradio4 venv of .ci/ui-envs.sh"))]
+STUB_PACKAGES = ("modules", "backend", "forge")
+
+
+class Webui:
+    """The stand-in webui after our script file was loaded: its modules, our host, the UI as the webui builds it."""
+
+    def __init__(self, flavor: str, models: Path):
+        import modules.call_queue
+        import modules.devices
+        import modules.script_callbacks
+        import modules.scripts
+        import modules.sd_models
+        import modules.sd_vae
+        import modules.shared
+        self.flavor = flavor
+        self.models = models
+        self.shared = modules.shared
+        self.sd_models = modules.sd_models
+        self.script_callbacks = modules.script_callbacks
+        self.scripts = modules.scripts
+        self.devices = modules.devices
+        self.call_queue = modules.call_queue
+        self.script = runpy.run_path(str(ROOT / "scripts" / "rebasin_merge.py"), run_name="rebasin_merge.py")
+        self.host = self.script["host"]
+        self.demo = None
+
+    def build_ui(self):
+        """What modules/ui.py does: settings callbacks, txt2img with its scripts, the extension tabs, one Blocks."""
+        self.script_callbacks.ui_settings_callback()
+        runner = self.scripts.ScriptRunner()
+        runner.add(XyzPlot(), os.path.join("scripts", "xyz_grid.py"))
+        self.scripts.scripts_txt2img = runner
+        with gr.Blocks(analytics_enabled=False) as txt2img:
+            runner.setup_ui(gr)
+        tabs = self.script_callbacks.ui_tabs_callback()
+        with gr.Blocks(analytics_enabled=False) as demo:
+            with gr.Tabs(elem_id="tabs"):
+                with gr.TabItem("txt2img", id="txt2img"):
+                    txt2img.render()
+                for interface, label, ifid in tabs:
+                    with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
+                        interface.render()
+        self.demo, self.tabs, self.runner = demo, tabs, runner
+        demo.get_config_file()  # everything serialises as the page needs it
+        return tabs[0][0]
+
+    def values(self, a, b, **overrides) -> list:
+        from lib_rebasin.ui.tab import RECIPE_FIELDS
+        values = dict(method="Amplified difference", model_a=a, model_b=b, model_c=None, models_many=[],
+                      multiplier=2.0, alpha=0.5, seed=0, source_unet="merge", source_clip_l="merge",
+                      source_clip_g="merge", source_vae="A", source_other="A", vae="None", dtype="fp32",
+                      device="default", output_name="", overwrite=False, compute="fp32", clamp=False,
+                      allow_nonfinite=False)
+        values.update(overrides)
+        return [values[name] for name in RECIPE_FIELDS]
+
+
+class XyzPlot:
+    """The X/Y/Z plot script's UI as scripts/xyz_grid.py builds it (its controls and their order)."""
+    def title(self):
+        return "X/Y/Z plot"
+
+    def ui(self, is_img2img):
+        x_type = gr.Dropdown(label="X type", choices=["Nothing", "Seed", "Checkpoint name"], value="Seed",
+                             type="index", elem_id="script_txt2img_xyz_plot_x_type")
+        x_values = gr.Textbox(label="X values", lines=1, elem_id="script_txt2img_xyz_plot_x_values")
+        x_values_dropdown = gr.Dropdown(label="X values", visible=False, multiselect=True, interactive=True)
+        y_type = gr.Dropdown(label="Y type", choices=["Nothing", "Seed"], value="Nothing", type="index")
+        return [x_type, x_values, x_values_dropdown, y_type]
+
+
+@pytest.fixture(params=[pytest.param("a1111", marks=A1111), pytest.param("forge", marks=FORGE)])
+def webui(request, tmp_path, monkeypatch, tiny_a, tiny_b):
+    models = tmp_path / "models"
+    checkpoints = models / "Stable-diffusion"
+    (models / "VAE").mkdir(parents=True)
+    files = copy_models({"base.safetensors": tiny_a, "tune.safetensors": tiny_b}, checkpoints / "sub")
+    monkeypatch.setenv("WEBUI_STUB_MODELS", str(models))
+    monkeypatch.syspath_prepend(str(STUBS))
+    _forget_stubs()
+    import modules.sd_models
+    modules.sd_models.known_sha256[str(files["base.safetensors"])] = "1234567890abcdef" * 4
+    if request.param == "forge":
+        import forge
+        forge.apply()
+    modules.sd_models.list_models()
+    yield Webui(request.param, checkpoints)
+    _forget_stubs()
+
+
+def _forget_stubs():
+    for name in list(sys.modules):
+        if name.split(".")[0] in STUB_PACKAGES:
+            del sys.modules[name]
+
+
+def _titles(webui) -> list[str]:
+    return webui.host.checkpoint_titles()
+
+
+def test_the_script_file_registers_settings_tab_and_routes(webui):
+    from lib_rebasin.host.a1111 import A1111Host
+    from lib_rebasin.host.forge import ForgeHost
+    assert type(webui.host) is (ForgeHost if webui.flavor == "forge" else A1111Host)
+    tab = webui.build_ui()
+    assert webui.tabs == [(tab, "Re-Basin Merge", "rebasin")]
+    labels = webui.shared.opts.data_labels
+    assert labels["rebasin_dtype"].section == ("rebasin", "Re-Basin Merge")
+    assert labels["rebasin_dtype"].category_id == "sd"
+    assert webui.shared.opts.rebasin_dtype == "fp16" and webui.shared.opts.rebasin_device == "default"
+    assert labels["rebasin_device"].component_args()["choices"][:2] == ["default", "cpu"]
+    assert labels["rebasin_permutation_cache"].default == ""
+    # titles (A1111: 'name [shorthash]' once hashed) vs names (Forge) in our dropdowns, as in the webui's own
+    if webui.flavor == "a1111":
+        assert _titles(webui) == ["sub/base.safetensors [1234567890]", "sub/tune.safetensors"]
+    else:
+        assert _titles(webui) == ["sub/base.safetensors", "sub/tune.safetensors"]
+
+
+def test_merge_runs_in_the_webui_queue_and_writes_the_formula(webui):
+    webui.build_ui()
+    a, b = _titles(webui)
+    merge = handler(webui.demo, "merge")
+    progress = ProgressRecorder()
+    path_out, html = merge(progress, *webui.values(a, b, multiplier=2.5, output_name="amp test"))
+    out = webui.models / "amp test.safetensors"
+    assert path_out == str(out) and out.is_file()
+    assert "amp test.safetensors" in html and "Time taken" in html  # wrap_gradio_gpu_call appended its timing
+    assert webui.shared.state.began == [None]  # one job of the webui, under its queue lock
+    assert webui.shared.state.sampling_steps == 1000 and webui.shared.state.sampling_step == 1000
+    assert progress.calls and progress.calls[-1][0] == 1.0
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    base = read(webui.models / "sub/base.safetensors", key).float()
+    tune = read(webui.models / "sub/tune.safetensors", key).float()
+    torch.testing.assert_close(read(out, key), base + 2.5 * (tune - base), rtol=1e-6, atol=1e-6)
+    # the follow-up event: lists refreshed, Load offered with what the webui's selector wants, XYZ offered
+    updates = handler(webui.demo, "after_merge")(path_out, [], a, b)
+    new = "amp test.safetensors"
+    assert new in updates[0]["choices"] and new in updates[3]["choices"]
+    assert updates[4]["visible"] is True and updates[5]["visible"] is True
+    assert updates[6] == new
+    assert updates[7] == [{"models": [str(webui.models / "sub/base.safetensors"),
+                                      str(webui.models / "sub/tune.safetensors")], "result": str(out)}]
+
+
+def test_interrupt_leaves_no_file_and_uses_the_webui_state(webui):
+    webui.build_ui()
+    a, b = _titles(webui)
+    act_at(webui.host, 0.0, handler(webui.demo, "interrupt"))  # at its first progress report
+    path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="stopped"))
+    assert path_out is None and "Interrupted: no file was written" in html
+    assert not (webui.models / "stopped.safetensors").exists() and leftovers(webui.models) == []
+    assert webui.shared.state.interrupted is False  # reset by the webui's wrapper after the job
+    assert webui.host.interrupt() is False  # nothing of ours is waiting or running any more
+
+
+def test_errors_are_shown_in_the_tab(webui, monkeypatch):
+    webui.build_ui()
+    a, b = _titles(webui)
+    merge = handler(webui.demo, "merge")
+    _, html = merge(ProgressRecorder(), *webui.values(a, "sub/missing.safetensors"))
+    assert "class='error'" in html and "missing.safetensors" in html and "not in the webui" in html
+    from lib_rebasin import jobs
+
+    def unavailable(request, monitor):
+        raise ValueError(f"method {request.method} is not available yet")
+    monkeypatch.setattr(jobs, "run", unavailable)
+    _, html = merge(ProgressRecorder(), *webui.values(a, b, method="Re-Basin"))
+    assert "method rebasin is not available yet" in html
+    monkeypatch.setattr(jobs, "run", lambda request, monitor: 1 / 0)  # a bug: the webui's wrapper reports it
+    result = merge(ProgressRecorder(), *webui.values(a, b))
+    assert result[0] is None and "ZeroDivisionError" in result[-1]
+    assert list(webui.models.glob("*.safetensors")) == []
+
+
+def test_compare_in_xyz_sets_the_checkpoint_axis(webui):
+    webui.build_ui()
+    a, b = _titles(webui)
+    merge = handler(webui.demo, "merge")
+    path_out, _ = merge(ProgressRecorder(), *webui.values(a, b, output_name="twice"))
+    history = handler(webui.demo, "after_merge")(path_out, [], a, b)[7]
+    script, x_type, x_values, x_dropdown = handler(webui.demo, "compare")(a, b, history)
+    registry_titles = sorted(webui.sd_models.checkpoints_list, key=str.casefold)
+    expected = [webui.sd_models.get_closet_checkpoint_match(n).title for n in (a, b)] + ["twice.safetensors"]
+    assert update_value(script) == "X/Y/Z plot" and update_value(x_type) == "Checkpoint name"
+    assert update_value(x_values) == ", ".join(expected)
+    assert x_dropdown["value"] == expected and x_dropdown["choices"] == registry_titles
+    assert set(expected) <= set(webui.sd_models.checkpoints_list)  # values the built-in axis accepts
+
+
+def test_vram_is_freed_for_gpu_work_and_given_back(webui):
+    model = webui.sd_models.FakeModel("cuda")
+    webui.sd_models.model_data.sd_model = model
+    webui.devices.device = torch.device("cuda")
+    with webui.host.vram_freed("cuda"):
+        moved = list(model.moves)
+    with webui.host.vram_freed("cpu"):
+        pass
+    if webui.flavor == "a1111":
+        assert moved == ["cpu"] and model.moves == ["cpu", "cuda"]
+    else:
+        from backend import memory_management
+        assert memory_management.calls == ["unload_all_models", "soft_empty_cache"] and model.moves == []
+
+
+def test_without_the_gradio_queue_the_handler_takes_no_progress(webui):
+    webui.shared.cmd_opts.no_gradio_queue = True  # A1111 --no-gradio-queue: gr.Progress would kill the launch
+    webui.build_ui()
+    merge = handler(webui.demo, "merge")
+    assert not any(isinstance(p.default, gr.Progress) for p in inspect.signature(merge).parameters.values())
+    a, b = _titles(webui)
+    path_out, _ = merge(*webui.values(a, b, output_name="plain"))
+    assert Path(path_out).is_file()
+
+
+def test_the_queue_lock_is_never_taken_twice(webui):
+    """A REST job from another thread waits for the tab's job (which holds the webui's queue lock) instead of
+    deadlocking or overlapping it; the stand-in lock raises if one thread takes it twice."""
+    webui.build_ui()
+    a, b = _titles(webui)
+    seen = {}
+    out = webui.models / "first.safetensors"
+
+    def rest_job(monitor):
+        seen["tab output existed"] = out.exists()
+
+    def at_start():
+        seen["thread"] = threading.Thread(target=lambda: webui.host.run_job("rest", rest_job))
+        seen["thread"].start()
+    act_at(webui.host, 0.0, at_start)
+    path_out, _ = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="first"))
+    seen["thread"].join(timeout=60)
+    assert path_out == str(out) and seen["tab output existed"] is True
+    assert webui.shared.state.began == [None, "rest"]
+
+
+def test_rest_routes_follow_api_and_api_auth(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)
+    assert not [r for r in app.routes if getattr(r, "path", "").startswith("/rebasin")]  # no --api: no routes
+    webui.shared.cmd_opts.api, webui.shared.cmd_opts.api_auth = True, "u:p"
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)
+    client = TestClient(app)
+    assert client.get("/rebasin/v1/checkpoints").status_code == 401
+    listed = client.get("/rebasin/v1/checkpoints", auth=("u", "p")).json()
+    assert listed["checkpoints"] == _titles(webui) and listed["models_dir"] == str(webui.models)
+    response = client.post("/rebasin/v1/merge", auth=("u", "p"),
+                           json={"method": "amp", "models": [_titles(webui)[0], "sub/other.safetensors"]})
+    assert response.status_code == 422 and "not in the webui's checkpoint list" in response.json()["detail"]
