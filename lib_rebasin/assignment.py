@@ -116,26 +116,41 @@ def _is_permutation(index: torch.Tensor) -> torch.Tensor:
     return (torch.sort(index, dim=-1).values == torch.arange(n, device=index.device)).all(-1)
 
 
-def screen(cost: torch.Tensor, error: torch.Tensor, layout: Layout) -> torch.Tensor | None:
-    """The optimal valid permutation, if an approximate cost proves it; else None.
+@dataclass(frozen=True)
+class ErrorBound:
+    """|computed − exact| ≤ eps · rows[i] · cols[j] for every entry of a cost matrix."""
+    eps: float
+    rows: torch.Tensor
+    cols: torch.Tensor
 
-    `cost` approximates the exact cost with `|cost - exact| <= error` entrywise.  A row is decided when its
-    best entry (among the entries its cell allows) beats every other entry even with the errors stacked
-    against it; if every row is decided and the chosen entries form a valid permutation, that permutation
-    is the exact optimum.
+    def at(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return self.eps * self.rows[i] * self.cols[j]
+
+
+def screen(cost: torch.Tensor, layout: Layout, bound: ErrorBound | None = None) -> torch.Tensor | None:
+    """The optimal valid permutation, if the cost proves it; else None.
+
+    With `bound`, `cost` only approximates the exact cost.  A row is decided when its best entry (among the
+    entries its cell allows) beats the second best even with the errors stacked against it; if every row is
+    decided and the chosen entries form a valid permutation, that permutation is the exact optimum (no valid
+    permutation can beat the sum of the row maxima).  Without `bound` the cost is taken as exact and ties
+    are left undecided.
     """
-    perm = torch.empty(layout.size, dtype=torch.long, device=cost.device)
+    device = cost.device
+    perm = torch.empty(layout.size, dtype=torch.long, device=device)
     for positions in layout.cell_positions():
-        positions = positions.to(cost.device)
-        whole = len(positions) == layout.size
-        sub = cost if whole else cost[positions][:, positions]
-        err = error if whole else error[positions][:, positions]
-        best = sub.argmax(1)
-        rows = torch.arange(len(positions), device=cost.device)
-        low = sub[rows, best] - err[rows, best]
-        high = sub + err
-        high[rows, best] = -torch.inf
-        if not bool((low > high.amax(1)).all()):
+        positions = positions.to(device)
+        if len(positions) == 1:
+            perm[positions] = positions
+            continue
+        sub = cost if len(positions) == layout.size else cost[positions][:, positions]
+        top = sub.topk(2, dim=1)
+        first, second, best = top.values[:, 0], top.values[:, 1], top.indices[:, 0]
+        if bound is not None:
+            rows, cols = bound.rows[positions].to(first.dtype), bound.cols[positions].to(first.dtype)
+            first = first - bound.eps * rows * cols[best]
+            second = second + bound.eps * rows * cols.max()
+        if not bool((first > second).all()):
             return None
         perm[positions] = positions[best]
     perm = perm.cpu()

@@ -36,7 +36,7 @@ class CheckpointError(Exception):
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 class TensorInfo:
@@ -327,7 +327,9 @@ class SafetensorsWriter:
                                   f"header says {info.shape} {info.dtype}")
         if info.nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._file.write(memoryview(data.numpy()))
+            view = memoryview(data.numpy())
+            while view:  # one write() call moves at most ~2 GiB on Linux
+                view = view[self._file.write(view):]
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

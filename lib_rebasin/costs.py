@@ -2,9 +2,9 @@
 
 For a group and one of its bindings, the contribution to the group's cost is `A_w · B_wᵀ` where `A_w`, `B_w`
 are the bound window of the tensor with the bound axis first, flattened to (width, rest).  Windows are
-converted once, in their natural layout and in slices small enough for torch to run each on the calling
-thread (on a busy machine element-wise ops split over several threads stall on each other); a matrix product
-then reads them through a transposed view where the layout allows.
+converted in pieces of bounded size, in their natural layout, into per-thread buffers that are reused (fresh
+big allocations page-fault every time); the products read them through transposed views where the layout
+allows.  Matching calls this from several worker threads while torch runs single-threaded.
 
 `Partial` sums the contributions of a group.  Products run in float32, or in a low-precision dtype
 (bfloat16) with an error bound: `|computed − exact| ≤ eps · ‖a_i‖·‖b_j‖` entrywise, from the float32 norms
@@ -12,17 +12,19 @@ of the bound rows, so that an approximate cost can still prove an optimum (`assi
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
+from .assignment import ErrorBound
 from .spec.core import Binding
 
 BF16_UNIT = 2.0 ** -8         # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0 ** -24
-SLICE_ELEMENTS = 1 << 14      # element-wise ops this small run on the calling thread (no thread hand-offs)
+PIECE_ELEMENTS = 1 << 23      # tensors are converted and multiplied in pieces of at most this many elements
 NARROW_ROWS = 64              # bindings with rows this short (biases, norms) share one product per window
 LOW_PRECISION_WORK = 1 << 22  # multiply-adds below which a low-precision product is not worth its overhead
 
@@ -38,39 +40,91 @@ def product_error(dtype: torch.dtype, depth: int) -> float:
     return 3 * unit + 2 * unit * unit + accumulate * (1 + unit) ** 3
 
 
-def convert(window: torch.Tensor, axis: int, dtype: torch.dtype, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """`window` converted to `dtype` through float32, same layout; with `norms` (one per position along `axis`),
-    also adds the squared float32 norms of the positions into it."""
-    out = torch.empty(window.shape, dtype=dtype, device=window.device)
-    lead = window.shape[0] if window.dim() else 1
-    per_lead = window[0].numel() if window.dim() and lead else 1
-    step = max(1, SLICE_ELEMENTS // max(per_lead, 1)) if window.device.type == "cpu" else max(lead, 1)
-    others = tuple(d for d in range(window.dim()) if d != axis)
-    for start in range(0, lead, step):
-        part = window[start:start + step].float()
-        if norms is not None:
-            if axis == 0:
-                norms[start:start + step] += torch.linalg.vector_norm(part.reshape(len(part), -1), dim=1).double() ** 2
-            else:
-                norms += torch.linalg.vector_norm(part, dim=others).double() ** 2
-        out[start:start + step] = part
-    return out
+_workspace = threading.local()
 
 
-def as_rows(converted: torch.Tensor, axis: int) -> torch.Tensor:
-    """A converted window as (width, rest) rows: a view where the layout allows (axis 0, or the columns of a
-    matrix), else a copy."""
-    if converted.dim() == 1:
-        return converted.unsqueeze(1)
+def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer reused from call to call: fresh big allocations cost page faults every time (and,
+    with the page cache full of the memory-mapped inputs, a page reclaim each)."""
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    key = (slot, dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def _add_squared_norms(part: torch.Tensor, axis: int, norms: torch.Tensor) -> None:
+    """norms[i] += Σ part[..., i, ...]² over everything but `axis` (float32 sums, float64 accumulators)."""
     if axis == 0:
-        return converted.reshape(converted.shape[0], -1)
-    if converted.dim() == 2:
-        return converted.T
-    return converted.movedim(axis, 0).reshape(converted.shape[axis], -1)
+        norms += torch.linalg.vector_norm(part.reshape(len(part), -1), dim=1).double() ** 2
+    else:  # column sums as one matrix-vector product (a strided reduction is slow)
+        squares = part.square().reshape(part.shape[0], -1)
+        ones = torch.ones(1, part.shape[0], dtype=part.dtype, device=part.device)
+        norms += (ones @ squares).reshape(part.shape[1], -1).sum(1).double()
+
+
+def pieces(window: torch.Tensor, axis: int) -> list[torch.Tensor]:
+    """The bound window as (width, depth) pieces whose products sum to the window's: split along the depth
+    (axis 0) or the leading axis (axis 1) so that no piece exceeds PIECE_ELEMENTS."""
+    width = window.shape[axis]
+    if axis == 0:
+        rows = window.reshape(width, -1)
+        step = max(1, PIECE_ELEMENTS // max(width, 1))
+        return [rows[:, s:s + step] for s in range(0, rows.shape[1], step)]
+    per_lead = window[0].numel() if len(window) else 1
+    step = max(1, PIECE_ELEMENTS // max(per_lead, 1))
+    return [window[s:s + step] for s in range(0, len(window), step)]
+
+
+def convert(piece: torch.Tensor, axis: int, dtype: torch.dtype, norms: torch.Tensor | None, slot: str,
+            keep: bool = False) -> torch.Tensor:
+    """A piece of a window as (width, depth) rows in `dtype` (a transposed view where the layout allows),
+    converted through float32 in per-thread buffers (`keep`: in fresh memory, to outlive the next call);
+    with `norms`, adds the squared float32 norms of the bound positions into it.  `axis` is 0 or 1."""
+    device = piece.device
+    x32 = scratch(slot + ".f32", tuple(piece.shape), torch.float32, device)
+    x32.copy_(piece)
+    if norms is not None:
+        _add_squared_norms(x32, axis, norms)
+    if keep:
+        x = x32.to(dtype, copy=True)
+    elif dtype == torch.float32:
+        x = x32
+    else:
+        x = scratch(slot + ".low", tuple(piece.shape), dtype, device).copy_(x32)
+    if axis == 0:
+        return x.reshape(x.shape[0], -1)
+    if x.dim() == 2:
+        return x.T
+    moved = x.movedim(1, 0)
+    rows = torch.empty(moved.shape, dtype=dtype, device=device) if keep else \
+        scratch(slot + ".rows", tuple(moved.shape), dtype, device)
+    return rows.copy_(moved).reshape(moved.shape[0], -1)
 
 
 def window(tensor: torch.Tensor, b: Binding) -> torch.Tensor:
-    return tensor.narrow(b.axis, b.offset, b.width)
+    t = tensor.narrow(b.axis, b.offset, b.width)
+    return t.unsqueeze(1) if t.dim() == 1 else t
+
+
+def inner_products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(‖a‖², ‖b‖², ⟨a, b⟩) in float64, from float32 pieces."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    aa = bb = ab = 0.0
+    for start in range(0, fa.numel(), PIECE_ELEMENTS):
+        n = min(PIECE_ELEMENTS, fa.numel() - start)
+        x = scratch("stats.a", (n,), torch.float32, a.device).copy_(fa[start:start + n])
+        y = scratch("stats.b", (n,), torch.float32, a.device).copy_(fb[start:start + n])
+        aa += float(torch.vdot(x, x))
+        bb += float(torch.vdot(y, y))
+        ab += float(torch.vdot(x, y))
+    return aa, bb, ab
+
+
+def inner_product(a: torch.Tensor, b: torch.Tensor) -> float:
+    return inner_products(a, b)[2]
 
 
 @dataclass
@@ -102,29 +156,42 @@ class Partial:
         bounded = self.low is not None
         for bind in bindings:
             wa, wb = window(a, bind), window(b, bind)
+            axis = min(bind.axis, 1)
+            if bind.axis > 1:  # the bound axis second: the other axes' order does not matter to the products
+                wa, wb = wa.movedim(bind.axis, 1), wb.movedim(bind.axis, 1)
             depth = wa.numel() // bind.width if bind.width else 0
             narrow = depth <= NARROW_ROWS
             low = bounded and not narrow and bind.width * bind.width * depth >= LOW_PRECISION_WORK
             dtype = self.low if low else torch.float32
+            positions = slice(bind.group_offset, bind.group_offset + bind.width)
             norms_a = torch.zeros(bind.width, dtype=torch.float64, device=self.device) if bounded else None
             norms_b = torch.zeros(bind.width, dtype=torch.float64, device=self.device) if bounded else None
-            rows_a = as_rows(convert(wa, bind.axis, dtype, norms_a), bind.axis)
-            rows_b = as_rows(convert(wb, bind.axis, dtype, norms_b), bind.axis)
-            product = None if narrow else (rows_a @ rows_b.T).float()
-            positions = slice(bind.group_offset, bind.group_offset + bind.width)
-            with self.lock:
-                self.terms += 1
-                if bounded:
-                    self.norm_a[positions] += norms_a
-                    self.norm_b[positions] += norms_b
-                if narrow:  # biases, norms, thin convs: one product per window in finish()
+            if narrow:  # biases, norms, thin convs: one product per window in finish()
+                rows_a = convert(wa, axis, torch.float32, norms_a, "a", keep=True)
+                rows_b = convert(wb, axis, torch.float32, norms_b, "b", keep=True)
+                with self.lock:
+                    self._add_norms(positions, norms_a, norms_b)
                     self.narrow[bind.group_offset, bind.width].append((rows_a, rows_b))
-                    continue
-                self.cost[positions, positions] += product
-                self.eps = max(self.eps, product_error(dtype, depth))
+                continue
+            for piece_a, piece_b in zip(pieces(wa, axis), pieces(wb, axis)):
+                rows_a = convert(piece_a, axis, dtype, norms_a, "a")
+                rows_b = convert(piece_b, axis, dtype, norms_b, "b")
+                product = scratch("product", (bind.width, bind.width), dtype, self.device)
+                torch.matmul(rows_a, rows_b.T, out=product)
+                with self.lock:
+                    self.cost[positions, positions] += product
+                    self.terms += 1
+                    self.eps = max(self.eps, product_error(dtype, rows_a.shape[1]))
+            with self.lock:
+                self._add_norms(positions, norms_a, norms_b)
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The cost, and its entrywise error bound (None for a float32-only cost, taken as exact)."""
+    def _add_norms(self, positions: slice, norms_a: torch.Tensor | None, norms_b: torch.Tensor | None) -> None:
+        if norms_a is not None:
+            self.norm_a[positions] += norms_a
+            self.norm_b[positions] += norms_b
+
+    def finish(self) -> tuple[torch.Tensor, ErrorBound | None]:
+        """The cost, and its error bound (None for a float32-only cost, taken as exact)."""
         for (offset, width), pairs in self.narrow.items():
             rows_a = torch.cat([p[0] for p in pairs], dim=1)
             rows_b = torch.cat([p[1] for p in pairs], dim=1)
@@ -135,24 +202,4 @@ class Partial:
             return self.cost, None
         # one float32 rounding per term summed into the cost, and slack for the norms' own rounding
         eps = (self.eps + 4 * FP32_UNIT * max(self.terms, 1)) * 1.01
-        return self.cost, eps * torch.outer(self.norm_a.sqrt(), self.norm_b.sqrt()).float()
-
-
-def inner_products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """(‖a‖², ‖b‖², ⟨a, b⟩) in float64, from slices converted to float32."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    step = SLICE_ELEMENTS if a.device.type == "cpu" else max(fa.numel(), 1)
-    aa = bb = ab = 0.0
-    for start in range(0, fa.numel(), step):
-        x, y = fa[start:start + step].float(), fb[start:start + step].float()
-        aa += float(torch.vdot(x, x))
-        bb += float(torch.vdot(y, y))
-        ab += float(torch.vdot(x, y))
-    return aa, bb, ab
-
-
-def inner_product(a: torch.Tensor, b: torch.Tensor) -> float:
-    """⟨a, b⟩ in float64, from slices converted to float32."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    step = SLICE_ELEMENTS if a.device.type == "cpu" else max(fa.numel(), 1)
-    return sum(float(torch.vdot(fa[s:s + step].float(), fb[s:s + step].float())) for s in range(0, fa.numel(), step))
+        return self.cost, ErrorBound(eps, self.norm_a.sqrt(), self.norm_b.sqrt())

@@ -298,7 +298,7 @@ class _Matcher:
     def _partial(self, name: str, exact: bool) -> Partial:
         return Partial(self.plan.groups[name].size, self.device, None if exact else self.screen_dtype)
 
-    def _cost(self, name: str, exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _cost(self, name: str, exact: bool) -> tuple[torch.Tensor, assignment.ErrorBound | None]:
         start = time.perf_counter()
         partial = self._partial(name, exact)
         uses = self.plan.uses[name]
@@ -309,11 +309,11 @@ class _Matcher:
         self.seconds["cost"] += time.perf_counter() - start
         return result
 
-    def _prove(self, name: str, cost: torch.Tensor, error: torch.Tensor | None) -> torch.Tensor | None:
+    def _prove(self, name: str, cost: torch.Tensor, bound: assignment.ErrorBound | None) -> torch.Tensor | None:
         """The optimal permutation if the (approximate) cost proves it, else None."""
         start = time.perf_counter()
         layout = self.plan.layouts[name]
-        proven = assignment.screen(cost, error if error is not None else torch.zeros_like(cost), layout)
+        proven = assignment.screen(cost, layout, bound)
         self.seconds["solve"] += time.perf_counter() - start
         return proven
 
@@ -322,8 +322,8 @@ class _Matcher:
         layout = self.plan.layouts[name]
         current = self.perms[name]
         if name not in self.undecided and self.screen_dtype is not None:
-            cost, error = self._cost(name, exact=False)
-            proven = self._prove(name, cost, error)
+            cost, bound = self._cost(name, exact=False)
+            proven = self._prove(name, cost, bound)
             if proven is not None and torch.equal(proven, current):
                 self.count.needed += layout.naive_calls
                 return False, True
@@ -331,8 +331,8 @@ class _Matcher:
                 d = self.device
                 rows = torch.arange(layout.size, device=d)
                 moved = (proven != current).to(d)
-                gain_low = ((cost[rows, proven.to(d)] - error[rows, proven.to(d)])
-                            - (cost[rows, current.to(d)] + error[rows, current.to(d)]))[moved]
+                new, old = proven.to(d), current.to(d)
+                gain_low = ((cost[rows, new] - bound.at(rows, new)) - (cost[rows, old] + bound.at(rows, old)))[moved]
                 if float(gain_low.double().sum()) > self.options.rtol * float(cost.abs().amax(1).double().sum()):
                     self.count.needed += layout.naive_calls
                     self._accept(name, proven)
@@ -368,23 +368,18 @@ class _Matcher:
         futures: dict[str, list[Future]] = defaultdict(list)
         complete: deque[str] = deque()   # groups whose every tensor has been handed to the workers
         in_flight: deque[Future] = deque()
+        decisions: list[Future] = []
         waiting: set[str] = set()
         keys = self._read_order()
         sizes = [math.prod(plan.shapes[k]) for k in keys]
         total, done, fetched = max(sum(sizes), 1), 0, 0
 
-        def decide(name: str) -> None:
-            partial = partials.pop(name)
-            for future in futures.pop(name):
-                future.result()
-            cost, error = partial.finish()
-            proven = self._prove(name, cost, error)
-            if proven is not None and torch.equal(proven, self.perms[name]):
-                self.count.needed += plan.layouts[name].naive_calls
-                return
-            waiting.add(name)
-            if proven is None and not exact:
-                self.undecided.add(name)
+        def hand_over_complete(block: bool) -> None:
+            while complete and (block or all(f.done() for f in futures[complete[0]])):
+                name = complete.popleft()
+                for future in futures.pop(name):
+                    future.result()
+                decisions.append(self.pool.submit(self._decide, name, partials.pop(name)))
 
         for index, key in enumerate(keys):
             if index >= fetched:  # read-ahead hints, a batch of about PREFETCH_ELEMENTS at a time
@@ -407,8 +402,7 @@ class _Matcher:
                 left[name] -= 1
                 if not left[name]:
                     complete.append(name)
-            while complete and all(f.done() for f in futures[complete[0]]):
-                decide(complete.popleft())
+            hand_over_complete(block=False)
             while len(in_flight) > 2 * self.workers or (in_flight and in_flight[0].done()):
                 in_flight.popleft().result()
             evictable = [n for n in partials if n not in complete]
@@ -419,12 +413,24 @@ class _Matcher:
                 futures.pop(biggest, None)
                 waiting.add(biggest)
             done += sizes[index]
-        while complete:
-            decide(complete.popleft())
+        hand_over_complete(block=True)
         for future in in_flight:
             future.result()
+        for future in decisions:
+            name, proven = future.result()
+            if proven is not None and torch.equal(proven, self.perms[name]):
+                self.count.needed += plan.layouts[name].naive_calls
+                continue
+            waiting.add(name)
+            if proven is None and not exact:
+                self.undecided.add(name)
         self.seconds["certify"] += time.perf_counter() - start_time
         return waiting | set(partials)
+
+    def _decide(self, name: str, partial: Partial) -> tuple[str, torch.Tensor | None]:
+        """(name, the optimum its finished cost proves or None): a worker-thread task."""
+        cost, bound = partial.finish()
+        return name, assignment.screen(cost, self.plan.layouts[name], bound)
 
     # -- sweeps ----------------------------------------------------------------------------------------------
     def run(self) -> MatchReport:

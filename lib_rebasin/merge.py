@@ -2,8 +2,8 @@
 (1 − α)·A + α·B, key by key, with a source per component, dtype handling, optional clamping, checks before
 anything is written, recipe metadata and a safety report.
 
-How: the inputs are memory-mapped and read ahead with OS hints; `streaming.stream` computes the output tensors
-in worker threads and writes them in one pass.  A worker evaluates its range in slices of 32 Ki elements:
+How: the inputs are memory-mapped and read ahead by background threads; `streaming.stream` computes the output
+tensors in worker threads and writes them in one pass.  A worker evaluates its range in slices of 32 Ki elements:
 upcast to fp32 (or fp64), formula, statistics for the report, cast.  Slices that small stay in the CPU cache
 and keep each torch op on its own thread: torch would split bigger element-wise ops over every core, which
 stalls on a busy machine.  Parents missing from the hash cache are hashed in background threads meanwhile,
@@ -356,46 +356,40 @@ def _observe(x: torch.Tensor, stats: TensorStats) -> None:
 # --- streaming: the output keys as items for streaming.stream --------------------------------------------------
 
 class _ReadAhead:
-    """Keeps the OS reading about READ_AHEAD_BYTES ahead of the computation in every file it reads, in spans
-    of READ_AHEAD_STEP per file, so that the disk works while the CPU computes (without it every slice of a
-    cold file waits for its own page faults)."""
+    """Keeps every input's prefetch thread (Checkpoint.prefetch) about READ_AHEAD_BYTES ahead of the
+    computation, asking for spans of READ_AHEAD_STEP per file, so that the disk works while the CPU computes:
+    without it every slice of a cold file waits for its own page faults."""
 
     def __init__(self, plan: MergePlan, readers: Mapping[str, Checkpoint], roles: Sequence[str]):
-        self.reads = [[(readers[r], p.key) for r in roles if r in readers] if p.source == "merge"
-                      else [(readers[p.source], p.source_key)] if p.source in readers else [] for p in plan.keys]
+        self.reads = [[(readers[r], p.key) for r in roles] if p.source == "merge"
+                      else [(readers[p.source], p.source_key)] for p in plan.keys]
         self.start = [0]
         for reads in self.reads:
             self.start.append(self.start[-1] + sum(reader.infos[key].nbytes for reader, key in reads))
         self.cursor = 0
-        self.pending: dict[int, tuple[Checkpoint, list[str], list[int]]] = {}
+        self.pending: dict[Checkpoint, tuple[list[str], int]] = {}
 
     def advance(self, index: int) -> None:
         """Called before key `index` is computed."""
         limit = self.start[index] + READ_AHEAD_BYTES
         while self.cursor < len(self.reads) and self.start[self.cursor] < limit:
             for reader, key in self.reads[self.cursor]:
-                _, keys, size = self.pending.setdefault(id(reader), (reader, [], [0]))
+                keys, size = self.pending.get(reader, ([], 0))
                 keys.append(key)
-                size[0] += reader.infos[key].nbytes
-                if size[0] >= READ_AHEAD_STEP:
-                    self._issue(reader)
+                self.pending[reader] = (keys, size + reader.infos[key].nbytes)
+                if self.pending[reader][1] >= READ_AHEAD_STEP:
+                    reader.prefetch(self.pending.pop(reader)[0])
             self.cursor += 1
         if self.cursor == len(self.reads):
-            for reader, _, _ in list(self.pending.values()):
-                self._issue(reader)
-
-    def _issue(self, reader: Checkpoint) -> None:
-        _, keys, _ = self.pending.pop(id(reader))
-        reader.prefetch(keys)
+            for reader, (keys, _) in self.pending.items():
+                reader.prefetch(keys)
+            self.pending.clear()
 
 
-def _items(plan: MergePlan, readers: Mapping[str, Checkpoint], roles: Sequence[str], kernel: _Kernel,
-           read_already: Sequence[str] = ()) -> Iterator[Item]:
-    """The output keys as stream items; files in `read_already` (real paths) are being read through by
-    someone else (e.g. hashed) and are not read ahead again."""
-    skip = {os.path.realpath(path) for path in read_already}
-    read_ahead = _ReadAhead(plan, {role: reader for role, reader in readers.items()
-                                   if os.path.realpath(reader.path) not in skip}, roles)
+def _items(plan: MergePlan, readers: Mapping[str, Checkpoint], roles: Sequence[str],
+           kernel: _Kernel) -> Iterator[Item]:
+    """The output keys as stream items, their inputs read ahead."""
+    read_ahead = _ReadAhead(plan, readers, roles)
     for index, p in enumerate(plan.keys):
         read_ahead.advance(index)
         if p.source == "merge":
@@ -517,8 +511,7 @@ def linear_merge(method: str, models: Sequence[str | os.PathLike], output: str |
                 report.add(p.key, p.component, p.source, p.info.dtype, TensorStats.combine(results))
 
             with writer:
-                items = _items(plan, readers, roles, kernel, read_already=hashes.reading)
-                stream(writer, items, workers=default_workers(torch_device),
+                stream(writer, _items(plan, readers, roles, kernel), workers=default_workers(torch_device),
                        largest=max((p.info.nbytes for p in plan.keys if p.checked), default=0),
                        monitor=monitor, on_written=written, progress_end=0.99)
                 result = report.to_dict()

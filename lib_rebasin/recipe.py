@@ -119,7 +119,6 @@ class ParentHashes:
         self._stop = threading.Event()
         self._known: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
-        self._hashed: list[str] = []
         self._errors: list[BaseException] = []
         unique = list(dict.fromkeys(os.path.realpath(p) for p in paths))
         self._placeholders = {real: f"{i + 1:064x}" for i, real in enumerate(unique)}
@@ -130,7 +129,6 @@ class ParentHashes:
             else:
                 thread = threading.Thread(target=self._hash, args=(real,), name="lib_rebasin-sha256", daemon=True)
                 self._threads.append(thread)
-                self._hashed.append(real)
                 thread.start()
 
     def _hash(self, real: str) -> None:
@@ -145,11 +143,6 @@ class ParentHashes:
     def current(self) -> dict[str, str]:
         """path (as given or real) -> sha256 or placeholder."""
         return {real: self._known.get(real, placeholder) for real, placeholder in self._placeholders.items()}
-
-    @property
-    def reading(self) -> set[str]:
-        """Real paths of the files still being hashed, i.e. read from start to end right now."""
-        return {real for real, thread in zip(self._hashed, self._threads) if thread.is_alive()}
 
     @property
     def pending(self) -> bool:

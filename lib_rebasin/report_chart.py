@@ -5,16 +5,13 @@ block, the cosine between A and B before matching and between A and P(B) after i
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Mapping
 
 
 def available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _objectives(matching: Mapping) -> tuple[list[float], str]:

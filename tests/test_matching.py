@@ -157,24 +157,26 @@ def test_screen_is_sound_under_its_error_bound():
         true_perm = random_permutation(group, g)
         approx = torch.randn(8, 8, generator=g)
         approx[torch.arange(8), true_perm] += 2.0 + trial * 0.05
-        error = torch.full((8, 8), 0.3)
-        proven = assignment.screen(approx, error, layout)
+        bound = assignment.ErrorBound(0.1, torch.full((8,), 2.0), torch.linspace(1, 2, 8))
+        proven = assignment.screen(approx, layout, bound)
         if proven is None:
             continue
         proven_count += 1
+        error = 0.1 * torch.outer(torch.full((8,), 2.0), torch.linspace(1, 2, 8))
         for _ in range(5):
             exact = approx + error * (2 * torch.rand(8, 8, generator=g) - 1)
             assert assignment.permutation_value(exact, proven) == pytest.approx(brute_force_best(exact, group),
                                                                               abs=1e-9)
     assert proven_count >= 10
-    assert assignment.screen(torch.eye(8), torch.full((8, 8), 0.6), layout) is None  # bound too loose to decide
+    loose = assignment.ErrorBound(0.6, torch.ones(8), torch.ones(8))
+    assert assignment.screen(torch.eye(8), layout, loose) is None  # the bound is too loose to decide
 
 
 def test_screen_refuses_an_argmax_that_breaks_the_structure():
     group = Group("gn", 4, "test", [], structure_from_partitions(4, [[0, 2, 4]]))
     layout = assignment.layout_of(group)
     cost = torch.eye(4)[[0, 2, 1, 3]]  # rows 1 and 2 prefer each other's channel: across GroupNorm groups
-    assert assignment.screen(cost, torch.zeros(4, 4), layout) is None
+    assert assignment.screen(cost, layout) is None
     count = assignment.SolverCount()
     perm = assignment.solve(cost, layout, torch.arange(4), count)
     assert is_valid(group, perm)

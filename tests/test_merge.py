@@ -400,3 +400,12 @@ def test_cli_merges_report_and_errors(tiny_a, tiny_b, tiny_c, tmp_path, capsys):
     assert main(["amp", str(tiny_a), str(tiny_b), "--components", "unet", "-o", str(tmp_path / "y.safetensors")]) == 2
     assert "COMPONENT=SOURCE" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_read_ahead_spans_point_at_the_tensors(tiny_a, a_sd):
+    """Read-ahead asks for file spans from the header's offsets: they must hold exactly each tensor's bytes."""
+    raw = open(tiny_a, "rb").read()
+    with Checkpoint(tiny_a) as ckpt:
+        for key, info in ckpt.infos.items():
+            assert raw[info.offset:info.offset + info.nbytes] == bits(a_sd[key]).numpy().tobytes(), key
+        ckpt.prefetch(ckpt.keys())  # a background read of the whole data section; close() ends it

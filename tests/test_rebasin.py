@@ -18,11 +18,11 @@ from lib_rebasin import jobs, rebasin as rb
 from lib_rebasin.anatomy import ArchitectureError
 from lib_rebasin.checkpoint import Checkpoint, save_state_dict
 from lib_rebasin.cli import main
-from lib_rebasin.layout import CLIP_G, CLIP_L, UNET, VAE
+from lib_rebasin.layout import CLIP_G, CLIP_L, UNET
 from lib_rebasin.matching import MatchOptions, match
 from lib_rebasin.merge import MergeError
 from lib_rebasin.progress import Cancelled, Monitor
-from lib_rebasin.spec.core import apply_to_state_dict, compose, invert, random_permutations
+from lib_rebasin.spec.core import apply_to_state_dict, invert, random_permutations
 from lib_rebasin.spec.sdxl import sdxl_spec
 from oracle import max_relative_error, oracle_config, random_inputs, random_state_dict, run, single_thread
 
