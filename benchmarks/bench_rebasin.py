@@ -6,9 +6,10 @@
    solver calls skipped, peak RSS ≤ size(A) + size(B) + 3 GB.
 2. Side by side on the same files, B re-based into A's basis and written (α = 1): ours and sd-mecha 1.1.8's
    `rebasin(B, A)`.  sd-mecha builds its permutation graph from the full SDXL key table at import, so it only
-   runs on full-size checkpoints: the comparison uses the full-size pair.  Reported: the time ratio, and how
-   many permutation groups each has and changes (sd-mecha's changes are read off its output: a group moved
-   if any window it permutes differs from B).
+   runs on full-size checkpoints: the comparison uses the full-size pair (a reduced-scale pair would not load
+   in sd-mecha).  Reported: the time ratio, peak memory, and how many permutation groups each has and
+   changes (sd-mecha's changes are read off its output: a group moved if any window it permutes differs
+   from B).
 
     python benchmarks/bench_rebasin.py [--workdir /work/bench-data/matching] [--scale full] [--keep]
                                        [--skip-mecha] [--device cpu]
@@ -146,7 +147,7 @@ def main() -> int:
         a, b = make_pair(workdir, args.scale)
         size_a, size_b = a.stat().st_size, b.stat().st_size
         print(f"inputs: {a.name} {gib(size_a)}, {b.name} {gib(size_b)} (same base, 1 % drift), "
-              f"{os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other processes slow every figure)")
 
         print("\n1. ours: rebasin(A, B, α = 0.5), end to end")
         end_to_end = ours(a, b, workdir / "ours_alpha05.safetensors", 0.5, args.device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from .spec.core import Group
 
@@ -27,10 +26,6 @@ class SolverCount:
     """Assignment problems an exact solver without certificates would solve, and those we actually solved."""
     needed: int = 0
     solved: int = 0
-
-    def add(self, other: "SolverCount") -> None:
-        self.needed += other.needed
-        self.solved += other.solved
 
     @property
     def skipped(self) -> int:
@@ -77,14 +72,13 @@ class Layout:
 
 
 def layout_of(group: Group) -> Layout:
+    """The group's structure (free: one superblock of one atom) as index tensors."""
     structure = group.effective_structure()
     n = group.size
     block_of = torch.empty(n, dtype=torch.long)
-    atom_of = torch.empty(n, dtype=torch.long)
     for b, block in enumerate(structure.blocks):
-        for k, atom in enumerate(block):
+        for atom in block:
             block_of[atom.start:atom.stop] = b
-            atom_of[atom.start:atom.stop] = k
     covered = sum(len(atom) for atom in structure.atoms)
     if covered != n or len(torch.unique(block_of)) != len(structure.blocks):
         raise ValueError(f"group {group.name}: structure does not partition its {n} positions")
@@ -170,6 +164,7 @@ def _lap(cost: torch.Tensor, count: SolverCount) -> torch.Tensor:
     if bool(_is_permutation(best)):
         return best.cpu()
     count.solved += 1
+    from scipy.optimize import linear_sum_assignment  # imported when first needed: it takes half a second
     _, cols = linear_sum_assignment(cost.detach().double().cpu().numpy(), maximize=True)
     return torch.from_numpy(cols).long()
 

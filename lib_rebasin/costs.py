@@ -129,7 +129,11 @@ def inner_product(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class Partial:
-    """A group's cost matrix being summed binding by binding (with what its error bound needs)."""
+    """A group's cost matrix being summed tensor by tensor (with what its error bound needs).
+
+    Tensors may be added from several threads at once and in any order; each carries the ticket it was given
+    when it was handed out, and contributions are summed in ticket order, so that the float sums (and with
+    them every decision) are the same from run to run."""
     size: int
     device: torch.device
     low: torch.dtype | None        # dtype of big products; None: float32 only (the cost is taken as exact)
@@ -139,6 +143,9 @@ class Partial:
     narrow: dict = field(default_factory=lambda: defaultdict(list))
     eps: float = 0.0
     terms: int = 0
+    tickets: int = 0               # handed out
+    applied: int = 0               # summed in
+    early: dict = field(default_factory=dict)   # ticket -> contributions that arrived before their turn
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -150,10 +157,15 @@ class Partial:
     def nbytes(self) -> int:
         return self.size * self.size * 4
 
-    def add(self, a: torch.Tensor, b: torch.Tensor, bindings: list[Binding]) -> None:
-        """Add the contributions of one tensor (A's, and B's with the other groups' permutations applied).
-        Safe to call from several threads at once: products are computed outside the lock."""
+    def ticket(self) -> int:
+        """The place of the next tensor in the sum (called where tensors are handed out, in a fixed order)."""
+        self.tickets += 1
+        return self.tickets - 1
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, bindings: list[Binding], ticket: int) -> None:
+        """Add the contributions of one tensor (A's, and B's with the other groups' permutations applied)."""
         bounded = self.low is not None
+        contributions = []  # (kind, positions, payload, error factor of a product)
         for bind in bindings:
             wa, wb = window(a, bind), window(b, bind)
             axis = min(bind.axis, 1)
@@ -167,31 +179,53 @@ class Partial:
             norms_a = torch.zeros(bind.width, dtype=torch.float64, device=self.device) if bounded else None
             norms_b = torch.zeros(bind.width, dtype=torch.float64, device=self.device) if bounded else None
             if narrow:  # biases, norms, thin convs: one product per window in finish()
-                rows_a = convert(wa, axis, torch.float32, norms_a, "a", keep=True)
-                rows_b = convert(wb, axis, torch.float32, norms_b, "b", keep=True)
-                with self.lock:
-                    self._add_norms(positions, norms_a, norms_b)
-                    self.narrow[bind.group_offset, bind.width].append((rows_a, rows_b))
-                continue
-            for piece_a, piece_b in zip(pieces(wa, axis), pieces(wb, axis)):
-                rows_a = convert(piece_a, axis, dtype, norms_a, "a")
-                rows_b = convert(piece_b, axis, dtype, norms_b, "b")
-                product = scratch("product", (bind.width, bind.width), dtype, self.device)
-                torch.matmul(rows_a, rows_b.T, out=product)
-                with self.lock:
-                    self.cost[positions, positions] += product
-                    self.terms += 1
-                    self.eps = max(self.eps, product_error(dtype, rows_a.shape[1]))
-            with self.lock:
-                self._add_norms(positions, norms_a, norms_b)
+                rows = (convert(wa, axis, torch.float32, norms_a, "a", keep=True),
+                        convert(wb, axis, torch.float32, norms_b, "b", keep=True))
+                contributions.append(("narrow", positions, rows, 0.0))
+            else:
+                product = None
+                parts = list(zip(pieces(wa, axis), pieces(wb, axis)))
+                for piece_a, piece_b in parts:
+                    rows_a = convert(piece_a, axis, dtype, norms_a, "a")
+                    rows_b = convert(piece_b, axis, dtype, norms_b, "b")
+                    if len(parts) == 1:  # the common case: straight into a reused buffer
+                        product = scratch(f"product{len(contributions)}", (bind.width, bind.width), dtype, self.device)
+                        torch.matmul(rows_a, rows_b.T, out=product)
+                    elif product is None:
+                        product = (rows_a @ rows_b.T).float()
+                    else:
+                        product += rows_a @ rows_b.T
+                # pieces beyond the first add one float32 rounding each
+                contributions.append(("product", positions, product,
+                                      product_error(dtype, depth) + (len(parts) - 1) * FP32_UNIT))
+            contributions.append(("norms", positions, (norms_a, norms_b), 0.0))
+        with self.lock:
+            if ticket == self.applied:  # our turn: sum straight from the buffers
+                self._apply(contributions)
+                self.applied += 1
+            else:  # wait for the earlier tensors; the buffers will be reused, so keep copies
+                self.early[ticket] = [(kind, positions, payload.clone() if kind == "product" else payload, eps)
+                                      for kind, positions, payload, eps in contributions]
+            while self.applied in self.early:
+                self._apply(self.early.pop(self.applied))
+                self.applied += 1
 
-    def _add_norms(self, positions: slice, norms_a: torch.Tensor | None, norms_b: torch.Tensor | None) -> None:
-        if norms_a is not None:
-            self.norm_a[positions] += norms_a
-            self.norm_b[positions] += norms_b
+    def _apply(self, contributions: list) -> None:
+        for kind, positions, payload, eps in contributions:
+            if kind == "narrow":
+                self.narrow[positions.start, positions.stop - positions.start].append(payload)
+            elif kind == "product":
+                self.cost[positions, positions] += payload
+                self.terms += 1
+                self.eps = max(self.eps, eps)
+            elif payload[0] is not None:
+                self.norm_a[positions] += payload[0]
+                self.norm_b[positions] += payload[1]
 
     def finish(self) -> tuple[torch.Tensor, ErrorBound | None]:
         """The cost, and its error bound (None for a float32-only cost, taken as exact)."""
+        if self.applied != self.tickets:
+            raise RuntimeError(f"cost finished with {self.tickets - self.applied} tensors missing")
         for (offset, width), pairs in self.narrow.items():
             rows_a = torch.cat([p[0] for p in pairs], dim=1)
             rows_b = torch.cat([p[1] for p in pairs], dim=1)

@@ -261,11 +261,11 @@ class _Matcher:
             self.terms[key] = self.first[key][2]
         return a, b
 
-    def _contribute(self, key: str, targets: list[tuple[str, _KeyUse, Partial]]) -> None:
+    def _contribute(self, key: str, targets: list[tuple[str, _KeyUse, Partial, int]]) -> None:
         """Read one tensor and add it to the costs of the given groups (a worker-thread task)."""
         a, b = self._load(key)
-        for name, use, partial in targets:
-            partial.add(a, _permuted(self.plan, key, b, self.perms, skip=name), use.bindings)
+        for name, use, partial, ticket in targets:
+            partial.add(a, _permuted(self.plan, key, b, self.perms, skip=name), use.bindings, ticket)
 
     def _term(self, key: str) -> None:
         a, b = self._load(key)
@@ -303,7 +303,8 @@ class _Matcher:
         partial = self._partial(name, exact)
         uses = self.plan.uses[name]
         self._prefetch([use.key for use in uses])
-        for future in [self.pool.submit(self._contribute, use.key, [(name, use, partial)]) for use in uses]:
+        tasks = [self.pool.submit(self._contribute, use.key, [(name, use, partial, partial.ticket())]) for use in uses]
+        for future in tasks:
             future.result()
         result = partial.finish()
         self.seconds["cost"] += time.perf_counter() - start
@@ -394,10 +395,10 @@ class _Matcher:
             for name in sorted({g.name for g, _ in plan.by_key[key]} - waiting):
                 if name not in partials:
                     partials[name] = self._partial(name, exact)
-                targets.append((name, use_of[key, name], partials[name]))
+                targets.append((name, use_of[key, name], partials[name], partials[name].ticket()))
             future = self.pool.submit(self._contribute, key, targets)
             in_flight.append(future)
-            for name, _, _ in targets:
+            for name, _, _, _ in targets:
                 futures[name].append(future)
                 left[name] -= 1
                 if not left[name]:
@@ -475,7 +476,8 @@ class _Matcher:
             groups=len(names), uncoupled=sum(1 for n in names if not plan.neighbours[n]),
             changed=[n for n in names if not is_identity(self.perms[n])],
             sweeps=sweeps, converged=converged,
-            objective_before=sum(f[2] for f in self.first.values()), objective_after=self.objective(),
+            objective_before=sum(self.first[k][2] for k in self.plan.by_key if k in self.first),
+            objective_after=self.objective(),
             solver_needed=self.count.needed, solver_solved=self.count.solved,
             seconds={k: round(v, 3) for k, v in self.seconds.items()},
             blocks=self.block_alignment(), device=str(self.device),
@@ -483,11 +485,12 @@ class _Matcher:
             seed=options.seed)
 
     def objective(self) -> float:
-        return sum(self.terms.values())
+        return sum(self.terms[key] for key in self.plan.by_key if key in self.terms)  # a fixed order: same sums
 
     def block_alignment(self) -> dict[str, dict[str, float]]:
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
-        for key, (aa, bb, ab) in self.first.items():
+        for key in (k for k in self.plan.by_key if k in self.first):
+            aa, bb, ab = self.first[key]
             s = sums[block_label(key)]
             s[0] += aa
             s[1] += bb
@@ -520,6 +523,8 @@ def match(spec: Spec, a, b, options: MatchOptions = MatchOptions(), *, init: Per
         if not plan.layouts[name].is_valid(perm):
             raise ValueError(f"initial permutation of group {name} is not valid for its structure")
     matcher = _Matcher(plan, a, b, perms, options, monitor)
+    if matcher.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"matching runs on cpu or cuda, not {options.device!r}")
     cpu = matcher.device.type == "cpu"
     threads = torch.get_num_threads()
     matcher.workers = max(1, options.workers or threads) if cpu else 1
@@ -582,6 +587,12 @@ def block_label(key: str) -> str:
     return ".".join(key.split(".")[:2])
 
 
+_BLOCK_RANKS = ("unet.time_embed", "unet.label_emb", "unet.input_blocks", "unet.middle_block", "unet.output_blocks",
+                "unet.out", "clip_l", "clip_g")
+
+
 def _block_sort_key(label: str) -> tuple:
-    parts = re.split(r"(\d+)", label)
-    return tuple(int(p) if p.isdigit() else p for p in parts)
+    """UNet blocks in forward order, then the text encoders by layer."""
+    rank = next((i for i, prefix in enumerate(_BLOCK_RANKS) if label.startswith(prefix)), len(_BLOCK_RANKS))
+    number = re.search(r"(\d+)$", label)
+    return rank, int(number.group(1)) if number else -1, label

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,158 +30,19 @@ import torch
 
 from . import merge as linear
 from .anatomy import COMPONENTS as ALL_COMPONENTS
-from .checkpoint import Checkpoint, SafetensorsWriter, TensorInfo, check_output_path
+from .checkpoint import Checkpoint, SafetensorsWriter, check_output_path
 from .matching import MatchOptions, match
-from .permute import check_permutations, reorder, spec_for_checkpoint
+from .permcache import cache_key, cache_path, find_cached, save_cache
+from .permute import spec_for_checkpoint
 from .progress import SILENT, Monitor
+from .readers import AmplifiedReader, MeanReader, PermutedReader
 from .recipe import Parent, ParentHashes, merge_metadata
 from .report import SafetyReport, TensorStats
-from .spec.core import Permutations, Spec, axis_indices, compose, identity, invert, is_identity
+from .spec.core import Permutations, Spec, compose, identity, invert, is_identity
 from .spec.sdxl import COMPONENTS as MATCHABLE, SPEC_VERSION
 from .streaming import Item, default_workers, stream
 
-MATCHING_VERSION = "1"       # bump when matching would give other permutations for the same inputs and settings
-CACHE_SUFFIX = ".rebasin-perms"
 HASH_SHARE, MATCH_SHARE = 0.03, 0.8   # progress: hashing up to 3 %, matching up to 80 %, then writing
-
-
-# --- readers: what the merge pipeline and the matcher read ------------------------------------------------------
-
-class PermutedReader:
-    """A source with a permutation set applied to every tensor as it is read (bit for bit)."""
-
-    def __init__(self, source, spec: Spec, perms: Permutations):
-        self.source, self.perms = source, perms
-        self.by_key = spec.by_key()
-        self.infos: dict[str, TensorInfo] | None = getattr(source, "infos", None)
-        self.shapes = source.shapes
-
-    def prefetch(self, keys) -> None:
-        _prefetch(self.source, keys)
-
-    def get(self, key: str) -> torch.Tensor:
-        tensor = self.source.get(key)
-        if key not in self.by_key:
-            return tensor
-        indices = axis_indices(self.by_key, key, tuple(tensor.shape), self.perms)
-        return reorder(tensor, indices) if indices else tensor
-
-
-class AmplifiedReader:
-    """amp = A + M·(B − A), computed in float32 per key; keys that cannot be merged come from A as they are."""
-
-    def __init__(self, a: Checkpoint, b: Checkpoint, multiplier: float):
-        self.a, self.b, self.multiplier = a, b, multiplier
-        self.amplified = {key for key, info in a.infos.items()
-                          if key in b.infos and b.infos[key].shape == info.shape and _mergeable(key, info, b.infos[key])}
-        self.infos: dict[str, TensorInfo] = {
-            key: TensorInfo(info.shape, torch.float32) if key in self.amplified else info
-            for key, info in a.infos.items()}
-        self.shapes = {k: i.shape for k, i in self.infos.items()}
-
-    def prefetch(self, keys) -> None:
-        keys = list(keys)
-        _prefetch(self.a, keys)
-        _prefetch(self.b, [k for k in keys if k in self.amplified])
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.amplified:
-            return self.a.get(key)
-        return linear.amplified_difference(self.a.get(key).float(), self.b.get(key).float(), self.multiplier)
-
-
-class MeanReader:
-    """The float32 mean of several (permuted) sources, read key by key: MergeMany's target."""
-
-    def __init__(self, sources: Sequence):
-        self.sources = list(sources)
-        self.shapes = self.sources[0].shapes
-
-    def get(self, key: str) -> torch.Tensor:
-        total = self.sources[0].get(key).float()
-        for source in self.sources[1:]:
-            total = total + source.get(key).float()
-        return total / len(self.sources)
-
-
-def _prefetch(source, keys) -> None:
-    """Pass a read-ahead hint on to the file behind a reader (the merge pipeline sends them)."""
-    if hasattr(source, "prefetch"):
-        source.prefetch(keys)
-
-
-def _mergeable(key: str, *infos: TensorInfo) -> bool:
-    return not key.endswith("position_ids") and all(i.dtype.is_floating_point for i in infos)
-
-
-# --- the permutation cache ----------------------------------------------------------------------------------------
-
-def cache_key(kind: str, hashes: Sequence[str], components: Sequence[str], options: MatchOptions,
-              extra: Mapping[str, object] | None = None) -> str:
-    """sha256 of everything a matching result depends on (not the device: results agree up to ties)."""
-    payload = {"kind": kind, "inputs": list(hashes), "spec": SPEC_VERSION, "matching": MATCHING_VERSION,
-               "components": sorted(components), "seed": options.seed, "max_sweeps": options.max_sweeps,
-               "rtol": options.rtol, **(extra or {})}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _stem(path: str | os.PathLike, limit: int = 32) -> str:
-    name = Path(path).name
-    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:limit] or "model"
-
-
-def cache_path(folder: str | os.PathLike, key: str, models: Sequence[str | os.PathLike]) -> Path:
-    names = "__".join(_stem(m) for m in models[:3]) + ("__more" if len(models) > 3 else "")
-    return Path(folder) / f"{names}.{key[:16]}{CACHE_SUFFIX}"
-
-
-def find_cached(folder: str | os.PathLike, key: str,
-                specs: Sequence[Spec]) -> tuple[list[Permutations], dict, Path] | None:
-    """The cached permutation sets for `key` (one per aligned model), their report and file, if a valid cache
-    file exists in `folder`."""
-    from safetensors import safe_open
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    for path in sorted(folder.glob(f"*.{key[:16]}{CACHE_SUFFIX}")):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                if metadata.get("key") != key:
-                    continue
-                sets = []
-                for i, spec in enumerate(specs):
-                    perms = {name: f.get_tensor(f"{i}/{name}").long() for name in spec.groups}
-                    sets.append(check_permutations(spec, perms))
-                return sets, json.loads(metadata.get("report", "{}")), path
-        except Exception:  # a damaged or foreign cache file only costs a new matching
-            continue
-    return None
-
-
-def save_cache(path: Path, key: str, sets: Sequence[Permutations], report: Mapping) -> Path | None:
-    """Write the permutation sets atomically; a cache that cannot be written only costs time later."""
-    from safetensors.torch import save_file
-    tensors = {f"{i}/{name}": p.to(torch.int32).contiguous() for i, perms in enumerate(sets)
-               for name, p in perms.items()}
-    metadata = {"key": key, "spec_version": SPEC_VERSION, "matching_version": MATCHING_VERSION,
-                "report": json.dumps(report, default=str)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
-        return None
-    return path
 
 
 # --- formulas, slice by slice --------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def write_chart(report: Mapping, path: str | os.PathLike) -> str | None:
         right.set_xticks(list(positions), names, rotation=90, fontsize=7)
         right.set_ylabel("cosine similarity")
         right.set_title("alignment per block")
-        right.legend(loc="lower right")
+        right.set_ylim(min(0.0, *before, *after), 1.15)
+        right.legend(loc="upper right", ncol=2)
         right.grid(axis="y", alpha=0.3)
     else:
         right.set_axis_off()

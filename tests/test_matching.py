@@ -280,3 +280,63 @@ def test_cancel_stops_matching():
 
     with pytest.raises(Cancelled):
         match(spec, a, drifted(a, 0.01, 1), monitor=Monitor(is_cancelled=cancelled))
+
+
+# --- cost matrices ---------------------------------------------------------------------------------------------
+
+def test_low_precision_costs_stay_within_their_error_bound(monkeypatch):
+    """bfloat16 products (in pieces, transposed views, narrow rows batched) against a float64 reference."""
+    from lib_rebasin import costs
+    monkeypatch.setattr(costs, "PIECE_ELEMENTS", 1 << 12)       # several pieces per window
+    monkeypatch.setattr(costs, "LOW_PRECISION_WORK", 1)         # every product but the narrow ones in bfloat16
+    g = torch.Generator().manual_seed(0)
+    n = 24
+    tensors = {"conv": torch.randn(16, 40, 3, 3, generator=g).half(),          # bound on its columns (axis 1)
+               "linear": torch.randn(2 * n, 96, generator=g).half(),           # two windows of rows (GEGLU-like)
+               "bias": torch.randn(n, generator=g).half(),                     # narrow
+               "cols": torch.randn(300, n, generator=g)}                       # float32, columns, many pieces
+    bindings = {"conv": [Binding("conv", 1, 8, n)], "linear": [Binding("linear", 0, 0, n), Binding("linear", 0, n, n)],
+                "bias": [Binding("bias", 0, 0, n)], "cols": [Binding("cols", 1, 0, n)]}
+    other = {k: (v.float() + 0.3 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in tensors.items()}
+    partial = costs.Partial(n, torch.device("cpu"), torch.bfloat16)
+    reference = torch.zeros(n, n, dtype=torch.float64)
+    for key in tensors:
+        partial.add(tensors[key], other[key], bindings[key], partial.ticket())
+        for b in bindings[key]:
+            wa = tensors[key].double().narrow(b.axis, b.offset, b.width).movedim(b.axis, 0).reshape(b.width, -1)
+            wb = other[key].double().narrow(b.axis, b.offset, b.width).movedim(b.axis, 0).reshape(b.width, -1)
+            reference += wa @ wb.T
+    cost, bound = partial.finish()
+    error = (cost.double() - reference).abs()
+    allowed = bound.eps * torch.outer(bound.rows, bound.cols)
+    assert (error <= allowed).all()
+    assert error.max() > 0  # it really was computed in low precision
+    exact = costs.Partial(n, torch.device("cpu"), None)
+    for key in tensors:
+        exact.add(tensors[key], other[key], bindings[key], exact.ticket())
+    cost32, none = exact.finish()
+    assert none is None and torch.allclose(cost32.double(), reference, rtol=1e-5, atol=1e-4)
+
+
+def test_contributions_are_summed_in_ticket_order_whatever_the_arrival():
+    from lib_rebasin import costs
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(8, 1000, generator=g) * 10 ** k for k in range(-3, 4)]
+    results = []
+    for order in (list(range(len(parts))), list(reversed(range(len(parts))))):
+        partial = costs.Partial(8, torch.device("cpu"), None)
+        tickets = [partial.ticket() for _ in parts]
+        for i in order:
+            partial.add(parts[i], parts[i], [Binding("x", 0, 0, 8)], tickets[i])
+        results.append(partial.finish()[0])
+    assert torch.equal(results[0], results[1])
+
+
+def test_inner_products_match_float64():
+    from lib_rebasin import costs
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(300, 70, generator=g).half(), torch.randn(300, 70, generator=g).half()
+    aa, bb, ab = costs.inner_products(a, b)
+    assert aa == pytest.approx(float((a.double() ** 2).sum()), rel=1e-6)
+    assert bb == pytest.approx(float((b.double() ** 2).sum()), rel=1e-6)
+    assert ab == pytest.approx(float((a.double() * b.double()).sum()), rel=1e-5, abs=1e-3)

@@ -125,12 +125,14 @@ def test_same_base_pair_skips_the_solver_and_same_seed_gives_same_result(planted
     assert all(torch.equal(first.perms[n], again.perms[n]) for n in spec.groups)
 
 
-def test_seed_sets_only_the_visiting_order(planted, spec):
+def test_seed_sets_only_the_visiting_order_and_threads_change_nothing(planted, spec):
     _, a, b, perms = planted
-    with Checkpoint(a) as ca, Checkpoint(b) as cb, single_thread():
-        other = match(spec, ca, cb, MatchOptions(seed=9, screen="off"))
+    with Checkpoint(a) as ca, Checkpoint(b) as cb:
+        other = match(spec, ca, cb, MatchOptions(seed=9, screen="off", workers=3))
+        again = match(spec, ca, cb, MatchOptions(seed=9, screen="off", workers=1))
     expected = invert(perms)
     assert all(torch.equal(other.perms[n], expected[n]) for n in spec.groups)
+    assert [s.objective for s in other.report.sweeps] == [s.objective for s in again.report.sweeps]
 
 
 def naive_basin_sum(ta, tb, perm_b, alpha):

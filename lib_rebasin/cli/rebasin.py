@@ -8,68 +8,68 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 
-from .. import rebasin as jobs
+from .. import jobs, rebasin
+from ..anatomy import COMPONENTS
 from ..merge import COMPUTE_DTYPES, OUTPUT_DTYPES, SOURCES
+from ..progress import SILENT
+from ..report import format_report
 from ..report_chart import write_chart
+from . import UsageError
 from .common import print_json, progress_bar
-
-_COMPONENTS_HELP = ("source per component as name=source pairs, e.g. 'clip=a,vae=b' (names: unet, clip_l, clip_g, "
-                    "clip, vae, other; sources: merge, a, b). Default: UNet and both text encoders merged (and "
-                    "matched), VAE and other keys from A")
-
-
-def parse_components(text: str | None) -> dict[str, str] | None:
-    if not text:
-        return None
-    out = {}
-    for item in text.split(","):
-        name, sep, source = item.partition("=")
-        if not sep or source.strip() not in SOURCES:
-            raise ValueError(f"--components: {item!r} is not name=source with source one of {', '.join(SOURCES)}")
-        out[name.strip()] = source.strip()
-    return out
+from .merge import parse_components
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", required=True, help="the .safetensors file to create")
+    p.add_argument("-o", "--output", help="the .safetensors file to write (default: a name made from the recipe, "
+                                          "in A's folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the matching's visiting order (default 0)")
     p.add_argument("--device", default="cpu", help="where costs are computed: cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES), default="fp16", help="output dtype (default fp16)")
-    p.add_argument("--compute", choices=tuple(COMPUTE_DTYPES), default="fp32", help="merge precision (default fp32)")
-    p.add_argument("--components", help=_COMPONENTS_HELP)
+    p.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES), default="fp16",
+                   help="output dtype of float tensors (default fp16; 'same' keeps each source's)")
+    p.add_argument("--compute", choices=tuple(COMPUTE_DTYPES), default="fp32", help="merge precision")
+    p.add_argument("--components", nargs="+", default=[], metavar="COMPONENT=SOURCE",
+                   help=f"where each component comes from: {', '.join(COMPONENTS)} or clip (both text encoders) = "
+                        f"{' | '.join(SOURCES)}; merged UNet and text encoders are matched; default unet, clip_l, "
+                        f"clip_g merged, vae and other from A (e.g. --components clip=a)")
     p.add_argument("--vae", help="take the VAE from this file (a checkpoint or a standalone VAE)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--allow-nonfinite", action="store_true", help="write even with NaN/inf values (warn only)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write the result even with NaN, inf or values beyond the dtype's range (warn only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     p.add_argument("--no-cache", action="store_true", help="neither reuse nor store the matching result")
     p.add_argument("--cache-dir", help="where matching results are cached (default: the output's folder)")
     p.add_argument("--max-sweeps", type=int, default=100, help="coordinate-descent sweeps at most (default 100)")
     p.add_argument("--screen", choices=("auto", "on", "off"), default="auto",
-                   help="bfloat16 certificate pass before float32 costs (default: when faster)")
+                   help="bfloat16 costs with an error bound before float32 ones (default: when faster here)")
     p.add_argument("--report", help="also write the full report (JSON) to this file")
     p.add_argument("--chart", help="draw the alignment chart into this PNG file (needs matplotlib)")
-    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bar and report: only the path")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rebasin", help="(1 − α)·A + α·P(B): B permuted into A's basis by weight matching, merged")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
     p.add_argument("--alpha", type=float, default=0.5, help="share of P(B) (default 0.5; 1 writes P(B))")
     _common(p)
     p.set_defaults(func=run, job="rebasin")
 
     p = sub.add_parser("basin-sum", help="α·(α·A + (1 − α)·B) + (1 − α)·Rebasin(A, B, α)")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
     p.add_argument("--alpha", type=float, default=0.5, help="α (default 0.5)")
     _common(p)
     p.set_defaults(func=run, job="basin-sum")
 
     p = sub.add_parser("amp-rebasin", help="Rebasin(A, A + M·(B − A), α): amplify, then re-basin against A")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
     p.add_argument("-M", "--multiplier", type=float, default=2.0, help="M of the amplified difference (default 2)")
     p.add_argument("--alpha", type=float, default=0.5, help="share of the re-based amplified model (default 0.5)")
     _common(p)
@@ -82,42 +82,51 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
+    models = args.models if args.job == "merge-many" else [args.a, args.b]
+    if len(models) < 2:
+        raise UsageError("merge-many needs at least two models")
+    output = args.output
+    if not output:
+        request = jobs.MergeRequest(args.job, [str(m) for m in models], "", multiplier=getattr(args, "multiplier", 2.0),
+                                    alpha=getattr(args, "alpha", 0.5), seed=args.seed)
+        output = os.path.join(os.path.dirname(os.path.abspath(models[0])), jobs.default_output_name(request))
     options = dict(seed=args.seed, components=parse_components(args.components), vae=args.vae, dtype=args.dtype,
                    compute=args.compute, device=args.device, overwrite=args.overwrite,
                    allow_nonfinite=args.allow_nonfinite, cache=not args.no_cache, cache_dir=args.cache_dir,
                    max_sweeps=args.max_sweeps, screen=args.screen)
-    with progress_bar(args.job) as monitor:
-        options["monitor"] = monitor
-        if args.job == "merge-many":
-            if len(args.models) < 2:
-                raise ValueError("merge-many needs at least two models")
-            outcome = jobs.merge_many(args.models, args.output, **options)
-        elif args.job == "amp-rebasin":
-            outcome = jobs.amp_rebasin(args.a, args.b, args.output, multiplier=args.multiplier, alpha=args.alpha,
-                                       **options)
-        else:
-            outcome = jobs.JOBS[args.job](args.a, args.b, args.output, alpha=args.alpha, **options)
+    if args.job != "merge-many":
+        options["alpha"] = args.alpha
+    if args.job == "amp-rebasin":
+        options["multiplier"] = args.multiplier
+    bar = contextlib.nullcontext(SILENT) if args.quiet or args.json else progress_bar(args.job)
+    with bar as monitor:
+        job = rebasin.JOBS[args.job]
+        outcome = job(models, output, monitor=monitor, **options) if args.job == "merge-many" else \
+            job(*models, output, monitor=monitor, **options)
     report = dict(outcome.report, seconds=outcome.seconds)
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, default=str)
-    if args.chart:
-        if write_chart(report, args.chart) is None:
-            print("note: no chart drawn (matplotlib is not installed)")
+    if args.chart and write_chart(report, args.chart) is None:
+        print("note: no chart drawn (matplotlib is not installed)", file=sys.stderr)
     if args.json:
-        print_json(report)
+        print_json({"path": str(outcome.path), "bytes": outcome.bytes, "seconds": outcome.seconds,
+                    "warnings": outcome.warnings, "report": report})
         return 0
-    print(outcome.path)
-    print(summary(report))
     for warning in outcome.warnings:
-        print(f"  warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.quiet:
+        print(format_report(report))
+        print(summary(report))
+        print(f"wrote {outcome.bytes / 2**30:.2f} GiB in {outcome.seconds['total']:.1f} s:")
+    print(outcome.path)
     return 0
 
 
 def summary(report: dict) -> str:
     m = report["matching"]
     t = report["seconds"]
-    lines = [f"  {report['formula']}"]
+    lines = []
     source = "cache (" + str(m.get("cache_file")) + ")" if m.get("cache_hit") else "weight matching"
     if "rounds" in m:
         lines.append(f"  permutations from {source}: {m['matchings']} matchings, converged {m['converged']}, "

@@ -1,0 +1,94 @@
+"""The permutation cache: matching results stored beside the output, found again by a key.
+
+The key is the sha256 of everything a matching result depends on: the inputs' sha256, the spec version, the
+matched components, the matching settings.  Files are `<models>.<key>.rebasin-perms` (safetensors inside;
+the webuis list only .safetensors/.ckpt as checkpoints), written atomically; a damaged or foreign file is
+ignored and costs only a new matching.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .matching import MatchOptions
+from .permute import check_permutations
+from .spec.core import Permutations, Spec
+from .spec.sdxl import SPEC_VERSION
+
+MATCHING_VERSION = "1"       # bump when matching would give other permutations for the same inputs and settings
+CACHE_SUFFIX = ".rebasin-perms"
+
+
+def cache_key(kind: str, hashes: Sequence[str], components: Sequence[str], options: MatchOptions,
+              extra: Mapping[str, object] | None = None) -> str:
+    """sha256 of everything a matching result depends on (not the device: results agree up to ties)."""
+    payload = {"kind": kind, "inputs": list(hashes), "spec": SPEC_VERSION, "matching": MATCHING_VERSION,
+               "components": sorted(components), "seed": options.seed, "max_sweeps": options.max_sweeps,
+               "rtol": options.rtol, **(extra or {})}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _stem(path: str | os.PathLike, limit: int = 32) -> str:
+    name = Path(path).name
+    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:limit] or "model"
+
+
+def cache_path(folder: str | os.PathLike, key: str, models: Sequence[str | os.PathLike]) -> Path:
+    names = "__".join(_stem(m) for m in models[:3]) + ("__more" if len(models) > 3 else "")
+    return Path(folder) / f"{names}.{key[:16]}{CACHE_SUFFIX}"
+
+
+def find_cached(folder: str | os.PathLike, key: str,
+                specs: Sequence[Spec]) -> tuple[list[Permutations], dict, Path] | None:
+    """The cached permutation sets for `key` (one per aligned model), their report and file, if a valid cache
+    file exists in `folder`."""
+    from safetensors import safe_open
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob(f"*.{key[:16]}{CACHE_SUFFIX}")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("key") != key:
+                    continue
+                sets = []
+                for i, spec in enumerate(specs):
+                    perms = {name: f.get_tensor(f"{i}/{name}").long() for name in spec.groups}
+                    sets.append(check_permutations(spec, perms))
+                return sets, json.loads(metadata.get("report", "{}")), path
+        except Exception:  # a damaged or foreign cache file only costs a new matching
+            continue
+    return None
+
+
+def save_cache(path: Path, key: str, sets: Sequence[Permutations], report: Mapping) -> Path | None:
+    """Write the permutation sets atomically; a cache that cannot be written only costs time later."""
+    from safetensors.torch import save_file
+    tensors = {f"{i}/{name}": p.to(torch.int32).contiguous() for i, perms in enumerate(sets)
+               for name, p in perms.items()}
+    metadata = {"key": key, "spec_version": SPEC_VERSION, "matching_version": MATCHING_VERSION,
+                "report": json.dumps(report, default=str)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        return None
+    return path
