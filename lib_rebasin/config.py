@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 HEAD_WIDTH = 64
 GROUPNORM_GROUPS = 32
-SIZE_EMBED_WIDTH = 256 * 6  # SDXL's six size/crop conditionings, 256 sinusoidal channels each
+BASE, REFINER = "base", "refiner"
+KINDS = (BASE, REFINER)
+# Sinusoidal size conditionings after the pooled CLIP-G output in the ADM vector, 256 channels each: the base
+# reads original size, crop offset and target size (2 numbers each), the refiner original size, crop offset
+# and an aesthetic score.
+SIZE_CONDITIONS = {BASE: 6, REFINER: 5}
+SIZE_EMBED_WIDTH = 256
 
 
 @dataclass(frozen=True)
@@ -64,13 +70,26 @@ class SDXLConfig:
     clip_g: TextEncoderConfig | None = field(
         default_factory=lambda: TextEncoderConfig(1280, 32, 5120, projection=1280))
     vae: VAEConfig | None = field(default_factory=VAEConfig)
+    kind: str = BASE  # "refiner": CLIP-G only (as embedder 0), 5 size conditionings
+
+    @property
+    def size_embed_width(self) -> int:
+        return size_embed_width(self.kind)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def sdxl_preset(scale: str = "full") -> SDXLConfig:
-    """The real SDXL base config ('full') or a width/depth-scaled model of the same topology."""
+def size_embed_width(kind: str) -> int:
+    return SIZE_EMBED_WIDTH * SIZE_CONDITIONS[kind]
+
+
+def sdxl_preset(scale: str = "full", kind: str = BASE) -> SDXLConfig:
+    """The real SDXL base or refiner config ('full') or a width/depth-scaled model of the same topology."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: choose {' or '.join(KINDS)}")
+    if kind == REFINER:
+        return _refiner_preset(scale)
     if scale == "full":
         return SDXLConfig()
     if scale == "small":
@@ -86,8 +105,31 @@ def sdxl_preset(scale: str = "full") -> SDXLConfig:
     else:
         raise ValueError(f"unknown scale {scale!r}: choose full, small or tiny")
     unet = replace(unet, context_dim=clip_l.width + clip_g.width,
-                   adm_in=clip_g.projection + SIZE_EMBED_WIDTH)
+                   adm_in=clip_g.projection + size_embed_width(BASE))
     return SDXLConfig(unet=unet, clip_l=clip_l, clip_g=clip_g, vae=vae)
 
 
+def _refiner_preset(scale: str) -> SDXLConfig:
+    """SDXL refiner: a 384-wide UNet with four levels (attention at the middle two, depth 4), conditioned on
+    CLIP-G alone; scaled like the base presets (same text-encoder and VAE sizes per scale)."""
+    base = sdxl_preset(scale)
+    channels, depth = {"full": (384, 4), "small": (96, 2), "tiny": (64, 1)}[scale]
+    unet = UNetConfig(model_channels=channels, channel_mult=(1, 2, 4, 4), transformer_depth=(0, depth, depth, 0),
+                      transformer_depth_middle=depth, context_dim=base.clip_g.width,
+                      adm_in=base.clip_g.projection + size_embed_width(REFINER))
+    return SDXLConfig(unet=unet, clip_l=None, clip_g=base.clip_g, vae=base.vae, kind=REFINER)
+
+
 SCALES = ("full", "small", "tiny")
+
+
+def known_layers(component: str, encoder: TextEncoderConfig) -> int | None:
+    """The depth of SDXL's text encoder ('clip_l' or 'clip_g') with these widths and vocabulary, in the real
+    models and in our scaled presets; None for an encoder SDXL does not use.  Pruned files lack the last layer
+    (SDXL reads the penultimate one), so a file with one layer fewer is recognised as pruned."""
+    for scale in SCALES:
+        known = getattr(sdxl_preset(scale), component)
+        if (known.width, known.mlp_width, known.vocab, known.positions) == \
+                (encoder.width, encoder.mlp_width, encoder.vocab, encoder.positions):
+            return known.layers
+    return None

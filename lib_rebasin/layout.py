@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from .config import SDXLConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .config import REFINER, SDXLConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 UNET = "model.diffusion_model."
 CLIP_L = "conditioner.embedders.0.transformer.text_model."
 CLIP_G = "conditioner.embedders.1.model."
+CLIP_G_REFINER = "conditioner.embedders.0.model."  # the refiner's only text encoder
 VAE = "first_stage_model."
+POSITION_IDS = CLIP_L + "embeddings.position_ids"
+UNET_INPUT = UNET + "input_blocks.0.0.weight"  # [C, in_channels, 3, 3]: 4 latents, 9 for inpainting
 
 Shape = tuple[int, ...]
 
@@ -181,7 +184,7 @@ def clip_l_shapes(cfg: TextEncoderConfig) -> dict[str, Shape]:
     return _prefixed(CLIP_L, out)
 
 
-def clip_g_shapes(cfg: TextEncoderConfig) -> dict[str, Shape]:
+def clip_g_shapes(cfg: TextEncoderConfig, prefix: str = CLIP_G) -> dict[str, Shape]:
     w, m = cfg.width, cfg.mlp_width
     out = {
         "token_embedding.weight": (cfg.vocab, w),
@@ -199,7 +202,7 @@ def clip_g_shapes(cfg: TextEncoderConfig) -> dict[str, Shape]:
     out |= _prefixed("ln_final.", _norm(w))
     out["text_projection"] = (w, cfg.projection or w)
     out["logit_scale"] = ()
-    return _prefixed(CLIP_G, out)
+    return _prefixed(prefix, out)
 
 
 def _vae_resblock(prefix: str, c_in: int, c_out: int) -> dict[str, Shape]:
@@ -251,13 +254,69 @@ def vae_shapes(cfg: VAEConfig) -> dict[str, Shape]:
     return _prefixed(VAE, out)
 
 
+def clip_g_prefix(kind: str) -> str:
+    return CLIP_G_REFINER if kind == REFINER else CLIP_G
+
+
+def component_prefixes(cfg: SDXLConfig) -> dict[str, str]:
+    """Key prefix of each component the config has (UNet always)."""
+    out = {"unet": UNET}
+    if cfg.clip_l:
+        out["clip_l"] = CLIP_L
+    if cfg.clip_g:
+        out["clip_g"] = clip_g_prefix(cfg.kind)
+    if cfg.vae:
+        out["vae"] = VAE
+    return out
+
+
 def sdxl_shapes(cfg: SDXLConfig) -> dict[str, Shape]:
     """Every key of an SGM-layout SDXL checkpoint with its shape, in a stable order."""
     out = unet_shapes(cfg.unet)
     if cfg.clip_l:
         out |= clip_l_shapes(cfg.clip_l)
     if cfg.clip_g:
-        out |= clip_g_shapes(cfg.clip_g)
+        out |= clip_g_shapes(cfg.clip_g, clip_g_prefix(cfg.kind))
     if cfg.vae:
         out |= vae_shapes(cfg.vae)
+    return out
+
+
+# --- keys real files may lack -----------------------------------------------------------------------------
+# The webuis load SDXL without them (sd-mecha's SDXL table marks the same ones optional).  SDXL reads the
+# penultimate layer of both text encoders, so savers may also drop the last one ("pruned" files): CLIP-G's last
+# resblock then feeds only the pooled output, which a webui computes with the layer zero-filled, i.e. skipped.
+
+def optional_keys(cfg: SDXLConfig) -> dict[str, str]:
+    """Keys of the layout a file may lack, each with a short name of what it is."""
+    out = {}
+    if cfg.clip_l:
+        out[POSITION_IDS] = "CLIP-L position_ids"
+        out[CLIP_L + "final_layer_norm.weight"] = out[CLIP_L + "final_layer_norm.bias"] = "CLIP-L final_layer_norm"
+    if cfg.clip_g:
+        p = clip_g_prefix(cfg.kind)
+        out[p + "ln_final.weight"] = out[p + "ln_final.bias"] = "CLIP-G ln_final"
+        out[p + "text_projection"] = "CLIP-G text_projection"
+        out[p + "logit_scale"] = "CLIP-G logit_scale"
+    for component, keys in last_layer_keys(cfg).items():
+        name = last_layer_name(cfg, component)
+        out.update(dict.fromkeys(keys, name))
+    return out
+
+
+def last_layer_name(cfg: SDXLConfig, component: str) -> str:
+    if component == "clip_l":
+        return f"CLIP-L layer {cfg.clip_l.layers - 1}"
+    return f"CLIP-G resblock {cfg.clip_g.layers - 1}"
+
+
+def last_layer_keys(cfg: SDXLConfig) -> dict[str, list[str]]:
+    """Per text encoder, the keys of its last layer (what a pruned file lacks)."""
+    out = {}
+    if cfg.clip_l:
+        layer = f"{CLIP_L}encoder.layers.{cfg.clip_l.layers - 1}."
+        out["clip_l"] = [k for k in clip_l_shapes(cfg.clip_l) if k.startswith(layer)]
+    if cfg.clip_g:
+        layer = f"{clip_g_prefix(cfg.kind)}transformer.resblocks.{cfg.clip_g.layers - 1}."
+        out["clip_g"] = [k for k in clip_g_shapes(cfg.clip_g, clip_g_prefix(cfg.kind)) if k.startswith(layer)]
     return out

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .anatomy import ARCH_LABELS, SDXL_BASE, ArchitectureError, analyse
+from .anatomy import ARCH_LABELS, SDXL_BASE, SDXL_REFINER, ArchitectureError, analyse
+from .config import SDXLConfig
+from .layout import component_prefixes
 from .checkpoint import Checkpoint, SafetensorsWriter
 from .progress import SILENT, Monitor
 from .spec.core import Permutations, Spec, axis_indices, is_valid, random_permutations
@@ -33,31 +35,59 @@ def parse_components(text: str | Iterable[str] | None) -> tuple[str, ...] | None
     return tuple(dict.fromkeys(names))
 
 
-def spec_for_checkpoint(checkpoint: Checkpoint, components: Iterable[str] | None = None) -> Spec:
-    """The spec of an SDXL checkpoint, derived from its shapes; every key of the file that no group binds
-    (VAE, position_ids, logit_scale, markers, unknown keys) is in `passthrough`.
+def model_config(checkpoints: Sequence) -> SDXLConfig:
+    """The SDXL config of one or more checkpoints of one model family: each component's config from the files
+    that have it (they must agree), the widest UNet input (an inpainting UNet's extra input channels are fixed
+    channels, so it shares every permutable space with a normal one)."""
+    configs = []
+    for checkpoint in checkpoints:
+        anatomy = analyse(checkpoint.shapes)
+        if anatomy.architecture not in (SDXL_BASE, SDXL_REFINER):
+            raise ArchitectureError(f"{checkpoint.path}: a {ARCH_LABELS[anatomy.architecture]} checkpoint; "
+                                    f"the permutation spec covers SDXL base and refiner")
+        if anatomy.config is None:
+            raise ArchitectureError(f"{checkpoint.path}: {anatomy.config_error}")
+        configs.append((checkpoint, anatomy.config))
+    first, config = configs[0]
+    for checkpoint, other in configs[1:]:
+        if other.kind != config.kind:
+            raise ArchitectureError(f"{first.path} is an SDXL {config.kind}, {checkpoint.path} an SDXL {other.kind}")
+        unet = replace(other.unet, in_channels=config.unet.in_channels)
+        if unet != config.unet:
+            raise ArchitectureError(f"{checkpoint.path}: its UNet differs from {first.path}'s")
+        if other.unet.in_channels > config.unet.in_channels:
+            config = replace(config, unet=other.unet)
+        for component in ("clip_l", "clip_g"):
+            mine, theirs = getattr(config, component), getattr(other, component)
+            if mine and theirs and mine != theirs:
+                raise ArchitectureError(f"{checkpoint.path}: its {component} differs from {first.path}'s")
+            if theirs and not mine:
+                config = replace(config, **{component: theirs})
+    return replace(config, vae=None)
 
-    `components` None means every permutable component the file has; asking for one it lacks is an error."""
-    anatomy = analyse(checkpoint.shapes)
-    if anatomy.architecture != SDXL_BASE:
-        raise ArchitectureError(f"{checkpoint.path}: a {ARCH_LABELS[anatomy.architecture]} checkpoint; "
-                                f"the permutation spec covers SDXL base")
-    if anatomy.config is None:
-        raise ArchitectureError(f"{checkpoint.path}: {anatomy.config_error}")
-    present = tuple(c for c in COMPONENTS if anatomy.components[c])
+
+def spec_for_models(checkpoints: Sequence, components: Iterable[str] | None = None) -> Spec:
+    """The spec of one or more SDXL checkpoints of one family, bound to every key any of them has: a key only
+    one file has (a layer the others pruned) is still moved into the common basis.  Keys no group binds (VAE,
+    position_ids, logit_scale, markers, unknown keys) are in `passthrough`.
+
+    `components` None means every permutable component the files have; asking for one they lack is an error."""
+    config = model_config(checkpoints)
+    keys = set().union(*(c.keys() for c in checkpoints))
+    prefixes = component_prefixes(config)
+    present = tuple(c for c in COMPONENTS if c in prefixes and any(k.startswith(prefixes[c]) for k in keys))
     if components is None:
         components = present
     missing = [c for c in components if c not in present]
     if missing:
-        raise ArchitectureError(f"{checkpoint.path}: has no {', '.join(missing)} to permute "
-                                f"(it has {', '.join(present)})")
-    spec = sdxl_spec(anatomy.config, components)
-    keys = set(checkpoint.keys())
-    absent = spec.keys() - keys
-    if absent:  # derive_sdxl_config checked the layout, so this is a bug, not bad input
-        raise AssertionError(f"spec binds keys the file lacks, e.g. {sorted(absent)[0]}")
-    spec.passthrough = keys - spec.keys()
-    return spec
+        names = ", ".join(str(c.path) for c in checkpoints)
+        raise ArchitectureError(f"{names}: has no {', '.join(missing)} to permute (it has {', '.join(present)})")
+    return sdxl_spec(config, components).restricted(keys)
+
+
+def spec_for_checkpoint(checkpoint: Checkpoint, components: Iterable[str] | None = None) -> Spec:
+    """The spec of one SDXL checkpoint (see `spec_for_models`)."""
+    return spec_for_models([checkpoint], components)
 
 
 def check_permutations(spec: Spec, perms: Mapping[str, torch.Tensor]) -> Permutations:

@@ -4,7 +4,10 @@ diffusers' single-file converters (`diffusers.loaders.single_file_utils`) turn t
 `UNet2DConditionModel`, a `CLIPTextModel` (CLIP-L) and a `CLIPTextModelWithProjection` (CLIP-G), loaded
 strictly.  `sdxl_outputs` runs SDXL's conditioning and denoiser the way the SDXL pipeline does: the context is
 the penultimate hidden states of both encoders side by side, the ADM vector is the pooled CLIP-G projection
-followed by the six size/crop embeddings, and the UNet predicts the noise, all in fp64.
+followed by the six size/crop embeddings, and the UNet predicts the noise, all in fp64.  The refiner reads
+CLIP-G alone and five size/aesthetic embeddings; an inpainting UNet takes 9 input channels.
+
+Keys a file lacks (pruned layers, optional norms) are zeros, as the webuis load them (`zero_filled`).
 """
 from __future__ import annotations
 
@@ -20,18 +23,29 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.utils import logging as transformers_logging
 
-from lib_rebasin.config import HEAD_WIDTH, SDXLConfig, TextEncoderConfig, UNetConfig, sdxl_preset
-from lib_rebasin.layout import CLIP_G, CLIP_L, UNET, sdxl_shapes
+from lib_rebasin.config import BASE, HEAD_WIDTH, SIZE_CONDITIONS, SDXLConfig, TextEncoderConfig, UNetConfig, sdxl_preset
+from lib_rebasin.layout import CLIP_L, POSITION_IDS, UNET, clip_g_prefix, sdxl_shapes
 from lib_rebasin.synthetic import random_tensor
 
 transformers_logging.set_verbosity_error()  # tiny vocabularies make it warn about CLIP's special token ids
 
-SIZE_CONDITIONS = 6  # original size, crop offset, target size (two numbers each)
 
-
-def oracle_config(scale: str = "tiny") -> SDXLConfig:
+def oracle_config(scale: str = "tiny", kind: str = BASE, in_channels: int = 4) -> SDXLConfig:
     """A preset without its VAE (out of the spec's scope and not needed to run the denoiser)."""
-    return replace(sdxl_preset(scale), vae=None)
+    config = replace(sdxl_preset(scale, kind), vae=None)
+    return replace(config, unet=replace(config.unet, in_channels=in_channels))
+
+
+def zero_filled(state: dict[str, torch.Tensor], config: SDXLConfig) -> dict[str, torch.Tensor]:
+    """The state dict as A1111 loads a file that lacks keys: every missing parameter zero (position_ids, a
+    buffer, keeps its 0…76)."""
+    sample = next(t for t in state.values() if t.is_floating_point())
+    out = dict(state)
+    for key, shape in sdxl_shapes(config).items():
+        if key not in out:
+            out[key] = (torch.arange(shape[1]).reshape(shape) if key == POSITION_IDS
+                        else torch.zeros(shape, dtype=sample.dtype))
+    return out
 
 
 def random_state_dict(config: SDXLConfig, seed: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
@@ -91,8 +105,11 @@ def clip_config(cfg: TextEncoderConfig, *, openclip: bool) -> CLIPTextConfig:
 class SDXLModels:
     config: SDXLConfig
     unet: UNet2DConditionModel
-    clip_l: CLIPTextModel
+    clip_l: CLIPTextModel | None  # None: the refiner
     clip_g: CLIPTextModelWithProjection
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.clip_l, self.clip_g) if m is not None]
 
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], assign: bool = False) -> None:
@@ -114,8 +131,9 @@ def convert_clip_l(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")}
 
 
-def convert_clip_g(state: dict[str, torch.Tensor], model: CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
-    return convert_open_clip_checkpoint(model, state, prefix=CLIP_G)
+def convert_clip_g(state: dict[str, torch.Tensor], model: CLIPTextModelWithProjection,
+                   prefix: str) -> dict[str, torch.Tensor]:
+    return convert_open_clip_checkpoint(model, state, prefix=prefix)
 
 
 def build_models(config: SDXLConfig, device: str | torch.device = "cpu") -> SDXLModels:
@@ -124,7 +142,7 @@ def build_models(config: SDXLConfig, device: str | torch.device = "cpu") -> SDXL
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_diffusers_config(config.unet))
     with torch.device(device):
-        clip_l = CLIPTextModel(clip_config(config.clip_l, openclip=False))
+        clip_l = CLIPTextModel(clip_config(config.clip_l, openclip=False)) if config.clip_l else None
         clip_g = CLIPTextModelWithProjection(clip_config(config.clip_g, openclip=True))
     return SDXLModels(config, unet, clip_l, clip_g)
 
@@ -137,12 +155,14 @@ def to_diffusers(state: dict[str, torch.Tensor], config: SDXLConfig, dtype: torc
     on_meta = str(device) == "meta"
     unet_state = {k: v.to(dtype) for k, v in convert_unet(state, config.unet).items()}
     load_strict(models.unet, unet_state, assign=True)
-    for model, converted in ((models.clip_l, convert_clip_l(state)),
-                             (models.clip_g, convert_clip_g(state, models.clip_g))):
+    encoders = [(models.clip_g, convert_clip_g(state, models.clip_g, clip_g_prefix(config.kind)))]
+    if models.clip_l is not None:
+        encoders.append((models.clip_l, convert_clip_l(state)))
+    for model, converted in encoders:
         if not on_meta:
             model.to(dtype)
         load_strict(model, converted, assign=on_meta)
-    for model in (models.unet, models.clip_l, models.clip_g):
+    for model in (models.unet, *models.text_encoders()):
         model.eval()
     return models
 
@@ -154,12 +174,12 @@ class Inputs:
     tokens: torch.Tensor      # [batch, positions] token ids, end-of-text marked by the largest id
     latents: torch.Tensor     # [batch, 4, h, w]
     timesteps: torch.Tensor   # [batch]
-    time_ids: torch.Tensor    # [batch, 6] original size, crop offset, target size
+    time_ids: torch.Tensor    # [batch, 6] original size, crop offset, target size (refiner: 5, aesthetic score last)
 
 
 def random_inputs(config: SDXLConfig, seed: int, batch: int = 2, latent_size: int = 16) -> Inputs:
     g = torch.Generator().manual_seed(seed)
-    te = config.clip_l
+    te = config.clip_l or config.clip_g
     tokens = torch.randint(0, te.vocab - 2, (batch, te.positions), generator=g)
     tokens[:, 0] = te.vocab - 2
     ends = torch.randint(3, te.positions, (batch,), generator=g)
@@ -168,6 +188,9 @@ def random_inputs(config: SDXLConfig, seed: int, batch: int = 2, latent_size: in
     timesteps = torch.randint(0, 1000, (batch,), generator=g).to(torch.float64)
     time_ids = torch.tensor([[1024., 1024., 0., 0., 1024., 1024.], [768., 1344., 64., 32., 1024., 1024.]],
                             dtype=torch.float64)[torch.arange(batch) % 2]
+    conditions = SIZE_CONDITIONS[config.kind]
+    if conditions < time_ids.shape[1]:  # the refiner: original size, crop offset, aesthetic score
+        time_ids = torch.cat([time_ids[:, :4], torch.tensor([[6.0], [2.5]], dtype=torch.float64)[torch.arange(batch) % 2]], 1)
     return Inputs(tokens, latents, timesteps, time_ids)
 
 
@@ -175,19 +198,17 @@ def random_inputs(config: SDXLConfig, seed: int, batch: int = 2, latent_size: in
 def sdxl_outputs(models: SDXLModels, inputs: Inputs) -> dict[str, torch.Tensor]:
     """Everything SDXL computes from the weights, as the SDXL pipeline wires it, plus two channel-order-free
     views of the text encoders' final states (SDXL does not read CLIP-L's last layer, but it is in the file)."""
-    out_l = models.clip_l(inputs.tokens, output_hidden_states=True)
-    out_g = models.clip_g(inputs.tokens, output_hidden_states=True)
-    context = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+    outputs = [m(inputs.tokens, output_hidden_states=True) for m in models.text_encoders()]
+    context = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+    out_g = outputs[-1]
     noise = models.unet(inputs.latents, inputs.timesteps, encoder_hidden_states=context,
                         added_cond_kwargs={"text_embeds": out_g.text_embeds, "time_ids": inputs.time_ids}).sample
-    final_l = out_l.last_hidden_state
-    final_g = out_g.last_hidden_state
-    return {
-        "noise": noise,
-        # token-by-token Gram matrices do not depend on the channel order of a residual stream
-        "clip_l_final_gram": final_l @ final_l.transpose(1, 2),
-        "clip_g_final_gram": final_g @ final_g.transpose(1, 2),
-    }
+    result = {"noise": noise}
+    # token-by-token Gram matrices do not depend on the channel order of a residual stream
+    for name, out in zip(("clip_l", "clip_g")[-len(outputs):], outputs):
+        final = out.last_hidden_state
+        result[f"{name}_final_gram"] = final @ final.transpose(1, 2)
+    return result
 
 
 @contextlib.contextmanager
@@ -203,7 +224,9 @@ def single_thread() -> Iterator[None]:
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
+    """max |a − b| / max |a| (absolute when a is all zeros, e.g. a zero-filled final norm's output)."""
+    scale = a.abs().max()
+    return float((a - b).abs().max() / (scale if scale > 0 else 1))
 
 
 def max_relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -217,4 +240,4 @@ def run(state: dict[str, torch.Tensor], config: SDXLConfig, inputs: Inputs) -> d
 def meta_state_dict(config: SDXLConfig) -> dict[str, torch.Tensor]:
     """Every key of the layout as a meta tensor (shapes only, no memory)."""
     return {k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("position_ids") else torch.float16)
-            for k, s in sdxl_shapes(config).items() if k.startswith((UNET, CLIP_L, CLIP_G))}
+            for k, s in sdxl_shapes(config).items() if k.startswith((UNET, CLIP_L, clip_g_prefix(config.kind)))}

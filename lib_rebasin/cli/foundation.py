@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from ..anatomy import COMPONENT_LABELS, analyse
+from ..anatomy import COMPONENT_LABELS, EMA, analyse, key_kind
 from ..checkpoint import Checkpoint
 from ..config import SCALES
-from ..synthetic import synthetic_shapes, write_synthetic
+from ..synthetic import VARIANTS, synthetic_shapes, write_synthetic
 from .common import DTYPES, human_bytes, print_json, progress_bar
 
 
@@ -21,11 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", nargs="?")
     p.add_argument("--scale", choices=SCALES, default="full")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the float tensors (default fp16; with --base, "
+                                                          "the base's)")
     p.add_argument("--base", help="make a fine-tune-like variant of this checkpoint instead")
     p.add_argument("--drift", type=float, default=0.01, help="relative size of the variant's drift (default 0.01)")
-    p.add_argument("--unet-only", action="store_true", help="only the UNet keys, like a UNet-only release")
-    p.add_argument("--markers", action="store_true", help="add marker keys (v_pred, ztsnr) as real files have")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME[,NAME…]",
+                   help="imitate real files (composable, repeatable): "
+                        + "; ".join(f"{name}: {text}" for name, text in VARIANTS.items()))
+    p.add_argument("--unet-only", action="store_true", help="same as --variant unet-only")
+    p.add_argument("--markers", action="store_true", help="same as --variant vpred")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--list", action="store_true", help="print every key and shape as JSON; write nothing")
     p.set_defaults(func=make_synthetic)
@@ -49,9 +53,13 @@ def describe(path: str) -> dict:
             "keys": len(ckpt),
             "bytes": ckpt.nbytes,
             "components": components,
-            "other_keys": anatomy.components["other"][:50],
+            "other_keys": [k for k in anatomy.components["other"] if key_kind(k) != EMA][:50],
             "config": anatomy.config.to_dict() if anatomy.config else None,
             "config_error": anatomy.config_error,
+            "vae": anatomy.vae,
+            "prediction": anatomy.prediction,
+            "absent_optional_keys": sorted(anatomy.absent),
+            "notes": anatomy.notes,
             "metadata": {k: (v if len(v) <= 200 else v[:200] + f"… ({len(v)} chars)")
                          for k, v in ckpt.metadata.items()},
         }
@@ -86,6 +94,8 @@ def inspect(args) -> int:
             print(f"  VAE: {v['channels']} channels × {tuple(v['channel_mult'])}, latent {v['latent']}")
     if info["config_error"]:
         print(f"  config: {info['config_error']}")
+    for note in info["notes"]:
+        print(f"  note: {note}")
     if info["metadata"]:
         print(f"  metadata ({len(info['metadata'])} entries):")
         for k, v in info["metadata"].items():
@@ -95,13 +105,15 @@ def inspect(args) -> int:
 
 def make_synthetic(args) -> int:
     if args.list:
-        print_json(synthetic_shapes(args.scale, unet_only=args.unet_only, markers=args.markers))
+        print_json(synthetic_shapes(args.scale, unet_only=args.unet_only, markers=args.markers,
+                                    variants=args.variant))
         return 0
     if not args.out:
         raise ValueError("make-synthetic needs an output file (or --list)")
     with progress_bar(f"make-synthetic {args.scale}") as monitor:
-        path = write_synthetic(args.out, scale=args.scale, seed=args.seed, dtype=DTYPES[args.dtype],
-                               base=args.base, drift=args.drift, unet_only=args.unet_only,
-                               markers=args.markers, overwrite=args.overwrite, monitor=monitor)
+        path = write_synthetic(args.out, scale=args.scale, seed=args.seed,
+                               dtype=DTYPES[args.dtype] if args.dtype else None, base=args.base, drift=args.drift,
+                               unet_only=args.unet_only, markers=args.markers, variants=args.variant,
+                               overwrite=args.overwrite, monitor=monitor)
     print(path)
     return 0

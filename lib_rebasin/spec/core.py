@@ -80,6 +80,19 @@ class Spec:
     def keys(self) -> set[str]:
         return {b.key for g in self.groups.values() for b in g.bindings}
 
+    def restricted(self, keys: Iterable[str]) -> "Spec":
+        """The spec of a file that holds only `keys` (others pruned or optional): bindings of absent keys go,
+        and so do groups left without any.  Exact for the file as a loader sees it: an absent tensor is zeros
+        there (what the webuis fill in), and permuting zeros changes nothing."""
+        keys = set(keys)
+        groups = {}
+        for name, group in self.groups.items():
+            bindings = [b for b in group.bindings if b.key in keys]
+            if bindings:
+                groups[name] = Group(group.name, group.size, group.kind, bindings, group.structure)
+        bound = {b.key for g in groups.values() for b in g.bindings}
+        return Spec(groups, passthrough=keys - bound, fixed=[b for b in self.fixed if b.key in bound])
+
 
 # --- structures --------------------------------------------------------------------------------------------
 

@@ -23,8 +23,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ..config import GROUPNORM_GROUPS, HEAD_WIDTH, SDXLConfig, TextEncoderConfig, UNetConfig
-from ..layout import CLIP_G, CLIP_L, UNET, Downsample, ResBlock, Transformer, Upsample, sdxl_shapes, unet_blocks
+from ..config import GROUPNORM_GROUPS, HEAD_WIDTH, REFINER, SDXLConfig, TextEncoderConfig, UNetConfig
+from ..layout import CLIP_L, UNET, Downsample, ResBlock, Transformer, Upsample, clip_g_prefix, sdxl_shapes, unet_blocks
 from .core import FIXED, IN, OUT, PARAM, Binding, Group, Spec, heads_structure, structure_from_partitions
 
 SPEC_VERSION = "sdxl-1"  # bump whenever the groups or their bindings change: cached permutations depend on it
@@ -296,9 +296,8 @@ def clip_l(b: SpecBuilder, cfg: TextEncoderConfig) -> Axis:
     return stream
 
 
-def clip_g(b: SpecBuilder, cfg: TextEncoderConfig) -> tuple[Axis, Axis]:
-    """CLIP-G (OpenCLIP layout).  Returns its residual stream and the pooled output space."""
-    p = CLIP_G
+def clip_g(b: SpecBuilder, cfg: TextEncoderConfig, p: str) -> tuple[Axis, Axis]:
+    """CLIP-G (OpenCLIP layout) under prefix `p`.  Returns its residual stream and the pooled output space."""
     stream = b.space("clip_g", RESIDUAL, cfg.width, RESIDUAL)
     embeddings(b, p + "token_embedding.weight", p + "positional_embedding", stream, cfg)
     for i in range(cfg.layers):
@@ -341,8 +340,8 @@ def sdxl_spec(config: SDXLConfig, components: Iterable[str] = COMPONENTS) -> Spe
     b = SpecBuilder(c for c in components if c == "unet" or getattr(config, c) is not None)
     u = config.unet
     l_stream = clip_l(b, config.clip_l) if config.clip_l else None
-    g_stream, pooled = clip_g(b, config.clip_g) if config.clip_g else (None, None)
-    context = lay_out(u.context_dim, [l_stream, g_stream])
+    g_stream, pooled = clip_g(b, config.clip_g, clip_g_prefix(config.kind)) if config.clip_g else (None, None)
+    context = lay_out(u.context_dim, [g_stream] if config.kind == REFINER else [l_stream, g_stream])
     adm = lay_out(u.adm_in, [pooled, None])  # [pooled CLIP-G | size/crop embeddings (fixed)]
     unet(b, u, context, adm)
     return b.build(sdxl_shapes(config))
