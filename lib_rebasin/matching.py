@@ -512,13 +512,15 @@ def match(spec: Spec, a, b, options: MatchOptions = MatchOptions(), *, init: Per
     `init` warm-starts from a set of permutations (identity by default).
     """
     a, b = as_source(a), as_source(b)
+    full_spec, init = spec, init if init is not None else identity(spec)
+    spec, a, b = _common_part(spec, a, b)
     plan = make_plan(spec, a.shapes)
     mismatched = [k for k in plan.by_key if tuple(b.shapes.get(k, ())) != tuple(a.shapes[k])]
     if mismatched:
         raise ValueError(f"{len(mismatched)} bound tensors differ in shape between the models: "
                          + ", ".join(f"{k} {tuple(a.shapes[k])} vs {tuple(b.shapes.get(k, ())) or 'missing'}"
                                      for k in mismatched[:5]))
-    perms = identity(spec) if init is None else {k: init[k].clone().long() for k in spec.groups}
+    perms = {k: init[k].clone().long() for k in spec.groups}
     for name, perm in perms.items():
         if not plan.layouts[name].is_valid(perm):
             raise ValueError(f"initial permutation of group {name} is not valid for its structure")
@@ -551,7 +553,43 @@ def match(spec: Spec, a, b, options: MatchOptions = MatchOptions(), *, init: Per
             (torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction) = saved
     monitor.report(1.0, "matching done")
-    return MatchResult({k: v.cpu() for k, v in matcher.perms.items()}, report)
+    perms = {k: matcher.perms[k].cpu() if k in matcher.perms else init[k].clone().long() for k in full_spec.groups}
+    return MatchResult(perms, report)
+
+
+def _common_part(spec: Spec, a: TensorSource, b: TensorSource) -> tuple[Spec, TensorSource, TensorSource]:
+    """What both models hold: the spec restricted to the keys both have (a tensor only one has adds nothing to
+    any cost; a group left without tensors keeps its permutation), and where shapes differ only on axes no group
+    binds (an inpainting UNet's extra input channels), both read as their common leading part."""
+    by_key = spec.by_key()
+    keys = [k for k in by_key if k in a.shapes and k in b.shapes]
+    trims = {}
+    for key in keys:
+        sa, sb = tuple(a.shapes[key]), tuple(b.shapes[key])
+        bound = {binding.axis for _, binding in by_key[key]}
+        if sa != sb and len(sa) == len(sb) and all(sa[i] == sb[i] for i in bound):
+            trims[key] = tuple(map(min, sa, sb))
+    if trims:
+        a, b = _Trimmed(a, trims), _Trimmed(b, trims)
+    return spec.restricted(keys), a, b
+
+
+class _Trimmed:
+    """A tensor source that reads some keys as their leading part of a given shape."""
+
+    def __init__(self, source: TensorSource, trims: Mapping[str, tuple[int, ...]]):
+        self.source, self.trims = source, trims
+        self.shapes = {**source.shapes, **trims}
+        self.infos = getattr(source, "infos", None)
+
+    def prefetch(self, keys) -> None:
+        if hasattr(self.source, "prefetch"):
+            self.source.prefetch(keys)
+
+    def get(self, key: str) -> torch.Tensor:
+        tensor = self.source.get(key)
+        shape = self.trims.get(key)
+        return tensor[tuple(slice(0, n) for n in shape)] if shape else tensor
 
 
 def objective(spec: Spec, a, b, perms: Permutations) -> float:

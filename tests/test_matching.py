@@ -266,8 +266,32 @@ def test_bad_inputs_are_refused():
     twice = Spec({"h": Group("h", 16, "hidden", [Binding("w", 0, 0, 16), Binding("w", 1, 0, 16)])})
     with pytest.raises(ValueError, match="several axes"):
         match(twice, {"w": torch.zeros(16, 16)}, {"w": torch.zeros(16, 16)})
-    with pytest.raises(ValueError, match="does not have"):
-        match(spec, {k: v for k, v in a.items() if k != "w3"}, a)
+
+def test_a_tensor_one_model_lacks_adds_nothing_to_the_cost():
+    """Matching with w3 absent from either model equals matching under a spec that never bound w3; a group
+    left without any tensor keeps its (initial) permutation."""
+    spec, a = mlp_spec_and_weights(seed=1)
+    _, other = mlp_spec_and_weights(seed=2)
+    without_w3 = Spec({name: Group(g.name, g.size, g.kind, [b for b in g.bindings if b.key != "w3"])
+                       for name, g in spec.groups.items()})
+    expected = match(without_w3, a, other, MatchOptions(screen="off")).perms
+    for a_side, b_side in (({k: v for k, v in a.items() if k != "w3"}, other),
+                           (a, {k: v for k, v in other.items() if k != "w3"})):
+        result = match(spec, a_side, b_side, MatchOptions(screen="off"))
+        assert all(torch.equal(result.perms[n], expected[n]) for n in spec.groups)
+    lonely = Spec(dict(spec.groups, h3=Group("h3", 10, "hidden", [Binding("w4", 0, 0, 10)])))
+    result = match(lonely, a, dict(other, w4=torch.randn(10, 3)), MatchOptions(screen="off"))
+    assert torch.equal(result.perms["h3"], torch.arange(10))
+
+
+def test_extra_channels_on_an_unbound_axis_are_left_out_of_the_cost():
+    """An inpainting-like first layer (more input channels in A) is matched on the channels both have."""
+    spec, a = mlp_spec_and_weights(seed=3)
+    planted = random_permutations(spec, seed=4)
+    b = drifted(apply_to_state_dict(spec, a, planted), 0.01, seed=5)
+    wide = dict(a, w1=torch.cat([a["w1"], torch.randn(64, 5)], dim=1))  # axis 1 of w1 is not bound
+    result = match(spec, wide, b, MatchOptions(screen="off"))
+    assert all(torch.equal(result.perms[n], invert(planted)[n]) for n in spec.groups)
 
 
 def test_cancel_stops_matching():
