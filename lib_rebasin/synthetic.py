@@ -213,13 +213,20 @@ def drifted_tensors(base: Checkpoint, seed: int, drift: float, infos: Mapping[st
         yield key, tensor.to(info.dtype)
 
 
+def description(seed: int, base_title: str | None = None, drift: float | None = None) -> str:
+    """The `modelspec.description` of a synthetic checkpoint: its own seed, and for a fine-tune its base."""
+    if base_title is None:
+        return f"synthetic SDXL-topology checkpoint (seed {seed}) made by lib_rebasin"
+    return f"synthetic SDXL-topology fine-tune of {base_title} (seed {seed}, drift {drift:g}) made by lib_rebasin"
+
+
 def model_metadata(config: SDXLConfig, seed: int, title: str, variants: tuple[str, ...] = ()) -> dict[str, str]:
     architecture = "stable-diffusion-xl-v1-refiner" if config.kind == REFINER else "stable-diffusion-xl-v1-base"
     out = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture + ("/inpaint" if "inpaint" in variants else ""),
         "modelspec.title": title,
-        "modelspec.description": f"synthetic SDXL-topology checkpoint (seed {seed}) made by lib_rebasin",
+        "modelspec.description": description(seed),
         "lib_rebasin.synthetic": json_config(config),
     }
     if variants:
@@ -259,7 +266,9 @@ def write_synthetic(out: str | os.PathLike, *, scale: str = "full", seed: int = 
             added = {k: v for k, v in _added(infos, variants).items() if k not in infos}
             infos.update({k: info for k, (info, _) in added.items()})
             copies = {k: src for k, (_, src) in added.items() if src}
-            metadata = dict(source.metadata, **{"modelspec.title": title})
+            base_title = source.metadata.get("modelspec.title") or os.path.splitext(os.path.basename(base))[0]
+            metadata = dict(source.metadata, **{"modelspec.title": title,
+                                                "modelspec.description": description(seed, base_title, drift)})
             if variants:
                 metadata["lib_rebasin.variants"] = ",".join(variants)
             writer = SafetensorsWriter(out, infos, metadata, inputs=[base], overwrite=overwrite)

@@ -72,6 +72,14 @@ def test_fine_tune_variant_drifts_by_the_asked_amount(tiny_a, tiny_b):
     assert torch.equal(a[CLIP_L + "embeddings.position_ids"], b[CLIP_L + "embeddings.position_ids"])
 
 
+def test_a_fine_tune_describes_itself_not_its_base(tiny_a, tiny_b):
+    with Checkpoint(tiny_a) as a, Checkpoint(tiny_b) as b:
+        assert "(seed 1)" in a.metadata["modelspec.description"]
+        described = b.metadata["modelspec.description"]
+        assert b.metadata["modelspec.title"] == "tiny_b"
+    assert "seed 2" in described and "seed 1" not in described and "fine-tune of tiny_a" in described
+
+
 @pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_dtype_and_unet_only(tmp_path, capsys, dtype, torch_dtype):
     out = tmp_path / "u.safetensors"
