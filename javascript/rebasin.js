@@ -13,6 +13,25 @@ function rebasinClick(id) {
     return Boolean(element);
 }
 
+// The lists follow the models folder: rescanned when the page loads and whenever the tab is shown (the webui
+// builds the page once, so a browser reload alone would show the lists of that moment).
+function rebasinRefreshLists() {
+    rebasinClick("rebasin_refresh");
+}
+
+if (typeof onUiLoaded === "function") {
+    onUiLoaded(rebasinRefreshLists);
+}
+
+if (typeof onUiTabChange === "function") {
+    onUiTabChange(function() {
+        var current = typeof get_uiCurrentTabContent === "function" ? get_uiCurrentTabContent() : null;
+        if (current && current.id === "tab_rebasin") {
+            rebasinRefreshLists();
+        }
+    });
+}
+
 // After a merge: refresh the webui's own checkpoint dropdown (A1111's quicksettings, Forge's checkpoint manager).
 function rebasinAfterMerge() {
     if (!rebasinClick("refresh_sd_model_checkpoint")) {

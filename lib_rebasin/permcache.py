@@ -1,12 +1,16 @@
-"""The permutation cache: matching results stored beside the output, found again by a key.
+"""The permutation cache: matching results stored in a folder of their own, found again by a key.
 
 The key is the sha256 of everything a matching result depends on: the inputs' sha256, the spec version, the
 matched components, the matching settings.  Files are `<models>.<key>.rebasin-perms` (safetensors inside;
 the webuis list only .safetensors/.ckpt as checkpoints), written atomically; a damaged or foreign file is
 ignored and costs only a new matching.
+
+The folder is the caller's choice (a host's setting); `default_cache_dir()` is lib_rebasin's own cache folder.
+`trim_cache` keeps a folder under a size cap, least recently used first (a cache hit touches its file).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,10 +70,74 @@ def find_cached(folder: str | os.PathLike, key: str,
                 for i, spec in enumerate(specs):
                     perms = {name: f.get_tensor(f"{i}/{name}").long() for name in spec.groups}
                     sets.append(check_permutations(spec, perms))
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: the last file trim_cache removes
                 return sets, json.loads(metadata.get("report", "{}")), path
         except Exception:  # a damaged or foreign cache file only costs a new matching
             continue
     return None
+
+
+def default_cache_dir() -> Path:
+    """The cache folder when the user names none: lib_rebasin's own cache folder, never a models folder."""
+    from .recipe import cache_dir
+    return cache_dir() / "permutations"
+
+
+def cache_files(folder: str | os.PathLike) -> list[Path]:
+    """The permutation files in `folder`, least recently used first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob(f"*{CACHE_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            found.append((path.stat().st_mtime, path))
+    return [path for _, path in sorted(found)]
+
+
+def cache_usage(folder: str | os.PathLike) -> tuple[int, int]:
+    """(number of files, bytes) of the permutation cache in `folder`."""
+    files = cache_files(folder)
+    total = 0
+    for path in files:
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return len(files), total
+
+
+def trim_cache(folder: str | os.PathLike, max_bytes: int) -> list[Path]:
+    """Remove the least recently used permutation files until the cache holds at most `max_bytes` (0: no cap);
+    returns what was removed.  Only `*.rebasin-perms` files are touched."""
+    if max_bytes <= 0:
+        return []
+    files = cache_files(folder)
+    sizes = {}
+    for path in files:
+        with contextlib.suppress(OSError):
+            sizes[path] = path.stat().st_size
+    total, removed = sum(sizes.values()), []
+    for path in files:
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+            total -= sizes.get(path, 0)
+    return removed
+
+
+def clear_cache(folder: str | os.PathLike) -> int:
+    """Remove every permutation file in `folder` (nothing else); returns how many."""
+    return sum(_unlink(path) for path in cache_files(folder))
+
+
+def _unlink(path: Path) -> int:
+    try:
+        path.unlink()
+        return 1
+    except OSError:
+        return 0
 
 
 def save_cache(path: Path, key: str, sets: Sequence[Permutations], report: Mapping) -> Path | None:

@@ -47,7 +47,9 @@ def wait(client: TestClient, job: str, states=("done", "failed", "cancelled"), t
 def test_merge_through_the_api(models):
     client = client_for(StandaloneHost(str(models), device="cpu"))
     methods = client.get("/rebasin/v1/methods").json()
-    assert list(methods) == list(jobs.METHODS) and methods["amp"]["formula"] == "A + {M}·(B − A)"
+    assert list(methods) == list(jobs.METHODS) and methods["amp"]["formula"] == "A + M·(B − A)"
+    assert methods["weighted-sum"]["formula"] == "(1 − α)·A + α·B"
+    assert not [m for m in methods.values() if "{" in m["formula"]]  # formulas for people, not templates
     assert client.get("/rebasin/v1/checkpoints").json()["checkpoints"] == ["a.safetensors", "b.safetensors"]
     started = client.post("/rebasin/v1/merge", json={"method": "amp", "models": ["a.safetensors", "b.safetensors"],
                                                      "multiplier": 3, "dtype": "fp32", "output_name": "api"})

@@ -11,7 +11,7 @@ import torch
 gr = pytest.importorskip("gradio")
 from lib_rebasin import jobs  # noqa: E402
 from lib_rebasin.host.standalone import SAMPLE_NAMES, StandaloneHost  # noqa: E402
-from lib_rebasin.ui.tab import RECIPE_FIELDS, build_tab  # noqa: E402
+from lib_rebasin.ui.tab import RECIPE_FIELDS, ThrottledProgress, build_tab, progress_text  # noqa: E402
 from ui_support import ProgressRecorder, act_at, copy_models, handler, leftovers, read, update_value  # noqa: E402
 
 
@@ -115,5 +115,32 @@ def test_an_empty_folder_offers_synthetic_checkpoints(tmp_path):
     base = read(models / SAMPLE_NAMES[0], "model.diffusion_model.out.2.weight").float()
     tune = read(models / SAMPLE_NAMES[1], "model.diffusion_model.out.2.weight").float()
     assert 0 < (tune - base).norm() < 0.2 * base.norm()  # a fine-tune of the base, not a copy or a stranger
-    *_, group = handler(tab, "refresh")()
-    assert group["visible"] is False
+    *_, group, cache_line = handler(tab, "refresh")()
+    assert group["visible"] is False and "Permutation cache: 0 files" in cache_line
+
+
+def test_progress_text_keeps_the_phase_and_cuts_from_the_right():
+    key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight"
+    assert progress_text(key, limit=80) == "writing: UNet middle_block.1.transformer_blocks.0.attn1.to_q.weight"
+    long = progress_text(f"certification pass: {key}", limit=48)
+    assert long == "certification pass: UNet middle_block.1.transfo…" and len(long) == 48
+    clip = "conditioner.embedders.1.model.transformer.resblocks.7.attn.in_proj_weight"
+    assert progress_text(clip, limit=80) == "writing: CLIP-G transformer.resblocks.7.attn.in_proj_weight"
+    assert progress_text("flushing to disk") == "flushing to disk"
+    assert progress_text("sweep 3: unet.output_blocks.2") == "sweep 3: unet.output_blocks.2"
+
+
+def test_the_time_left_comes_from_this_jobs_own_pace():
+    now = [100.0]
+    calls = []
+    progress = ThrottledProgress(lambda f, desc: calls.append((f, desc)), clock=lambda: now[0])
+    progress(0.01, "flushing to disk")
+    now[0] += 30
+    progress(0.25, "model.diffusion_model.out.2.weight")  # 30 s for a quarter: 90 s to go
+    now[0] += 0.1
+    progress(0.26, "model.diffusion_model.out.2.bias")    # throttled
+    now[0] += 60
+    progress(1.0, "flushing to disk")
+    assert calls == [(0.01, "flushing to disk"),
+                     (0.25, "writing: UNet out.2.weight · about 2 min left"),
+                     (1.0, "flushing to disk")]

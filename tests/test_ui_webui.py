@@ -10,6 +10,7 @@ import runpy
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,6 +136,11 @@ def test_the_script_file_registers_settings_tab_and_routes(webui):
     assert webui.shared.opts.rebasin_dtype == "fp16" and webui.shared.opts.rebasin_device == "default"
     assert labels["rebasin_device"].component_args()["choices"][:2] == ["default", "cpu"]
     assert labels["rebasin_permutation_cache"].default == ""
+    assert labels["rebasin_permutation_cache_limit_mb"].default == 1024
+    # the cache's default folder: beside the checkpoint folder (which the webui lists recursively), not in it
+    cache = Path(webui.host.permutation_cache_dir())
+    assert cache == webui.models.parent / "rebasin-cache"
+    assert str(cache) in labels["rebasin_permutation_cache"].comment_after
     # titles (A1111: 'name [shorthash]' once hashed) vs names (Forge) in our dropdowns, as in the webui's own
     if webui.flavor == "a1111":
         assert _titles(webui) == ["sub/base.safetensors [1234567890]", "sub/tune.safetensors"]
@@ -166,6 +172,87 @@ def test_merge_runs_in_the_webui_queue_and_writes_the_formula(webui):
     assert updates[6] == new
     assert updates[7] == [{"models": [str(webui.models / "sub/base.safetensors"),
                                       str(webui.models / "sub/tune.safetensors")], "result": str(out)}]
+
+
+def test_a_late_interrupt_says_it_could_not_stop_the_write(webui):
+    """Interrupt after the merge's last check (while the file is flushed): the file is complete and kept, and
+    the tab says why instead of ignoring the click."""
+    webui.build_ui()
+    a, b = _titles(webui)
+    act_at(webui.host, 1.0, handler(webui.demo, "interrupt"))  # at the last progress report
+    path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="late"))
+    assert path_out == str(webui.models / "late.safetensors") and Path(path_out).is_file()
+    assert "Interrupt came too late to stop this merge" in html and "Saved" in html
+    updates = handler(webui.demo, "after_merge")(path_out, [], a, b, None, [])
+    assert updates[4]["visible"] is True  # the file is the merge's result: Load offers it
+
+
+def test_load_and_compare_are_withdrawn_when_the_last_merge_wrote_nothing(webui):
+    webui.build_ui()
+    a, b = _titles(webui)
+    start = handler(webui.demo, "starting")()
+    assert start[1]["visible"] is False and start[2]["visible"] is False  # hidden while a merge runs
+    path_out, _ = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="first"))
+    after = handler(webui.demo, "after_merge")
+    shown = after(path_out, [], a, b, None, [])
+    assert shown[4]["visible"] is True and shown[4]["value"] == "Load first.safetensors" and shown[6] == "first.safetensors"
+    failed = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="first"))  # exists
+    assert failed[0] is None and "already exists" in failed[1]
+    hidden = after(failed[0], shown[7], a, b, None, [])
+    assert hidden[4]["visible"] is False and hidden[5]["visible"] is False and hidden[6] == ""
+    assert hidden[7] == shown[7]  # the session's earlier result stays in the comparison history
+
+
+def test_refresh_keeps_the_choice_under_the_webuis_current_title(webui):
+    """A1111 titles a file 'name [hash]' once it has hashed it: a choice made before keeps pointing at the file."""
+    webui.build_ui()
+    a, b = _titles(webui)
+    tune = webui.models / "sub/tune.safetensors"
+    webui.sd_models.known_sha256[str(tune)] = "fedcba9876543210" * 4
+    (webui.models / "sub/gone.safetensors").write_bytes(b"")
+    webui.sd_models.list_models()
+    gone = next(t for t in _titles(webui) if "gone" in t)
+    (webui.models / "sub/gone.safetensors").unlink()
+    lists = handler(webui.demo, "refresh")(a, b, gone, [b, gone])
+    new_b = "sub/tune.safetensors [fedcba9876]" if webui.flavor == "a1111" else "sub/tune.safetensors"
+    assert [update_value(u) for u in lists[:4]] == [a, new_b, None, [new_b]]
+    assert lists[0]["choices"] == _titles(webui) and new_b in lists[0]["choices"]
+
+
+def test_an_empty_models_folder_says_what_to_do(webui):
+    for file in webui.models.rglob("*.safetensors"):
+        file.unlink()
+    webui.sd_models.list_models()
+    tab = webui.build_ui()
+    components = tab.get_config_file()["components"]
+    config = {c["props"].get("elem_id"): c for c in components}
+    assert config["rebasin_samples"]["props"]["visible"] is True
+    assert config["rebasin_create_samples"]["props"]["visible"] is False  # the webui's folder is the user's
+    hint = " ".join(str(c["props"].get("value", "")) for c in components
+                    if "No checkpoints" in str(c["props"].get("value", "")))
+    assert str(webui.models) in hint and "press ↻" in hint
+
+
+def test_the_permutation_cache_is_capped_and_cleared_from_the_tab(webui, monkeypatch):
+    tab = webui.build_ui()
+    a, b = _titles(webui)
+    cache = Path(webui.host.permutation_cache_dir())
+    cache.mkdir(parents=True)
+    for age, name in enumerate(["old", "mid", "new"]):
+        path = cache / f"{name}.0123456789abcdef.rebasin-perms"
+        path.write_bytes(b"x" * (1 << 20))
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
+    keep = cache / "notes.txt"
+    keep.write_text("not ours")
+    webui.shared.opts.rebasin_permutation_cache_limit_mb = 2
+    path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="capped"))
+    assert path_out and "least recently used file(s) were removed" in html
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.rebasin-perms")) == ["mid", "new"]
+    info = tab.rebasin_actions.cache_info()
+    assert "2 files" in info and "2.00 MiB" in info and str(cache) in info
+    cleared = handler(webui.demo, "clear_cache")()
+    assert "0 files" in cleared and "Removed 2 files" in cleared
+    assert list(cache.iterdir()) == [keep]
 
 
 def test_interrupt_leaves_no_file_and_uses_the_webui_state(webui):
@@ -213,19 +300,112 @@ def test_compare_in_xyz_sets_the_checkpoint_axis(webui):
     assert set(expected) <= set(webui.sd_models.checkpoints_list)  # values the built-in axis accepts
 
 
-def test_vram_is_freed_for_gpu_work_and_given_back(webui):
+def _request(webui, device: str):
+    from lib_rebasin import jobs
+    files = [str(webui.models / "sub/base.safetensors"), str(webui.models / "sub/tune.safetensors")]
+    return jobs.MergeRequest(method="amp", models=files, output="", device=device)
+
+
+def _loaded(webui, name: str):
+    """A loaded model of the webui's kind, from the registry entry `name`, on the CPU."""
+    info = webui.sd_models.get_closet_checkpoint_match(name)
+    if webui.flavor == "forge":
+        webui.sd_models.model_data.forge_loading_parameters = {"checkpoint_info": info}
+        model, _ = webui.sd_models.forge_model_reload()
+        return model
+    return webui.sd_models.load_model(info)
+
+
+def test_a_merge_short_of_ram_unloads_the_webuis_model_and_loads_it_again(webui, monkeypatch):
+    """Not enough RAM beside the loaded model for a CPU merge: the webui's own unloading makes room while the
+    merge runs, its own loading brings the same checkpoint back, and the result says so."""
+    webui.build_ui()
+    a, b = _titles(webui)
+    model = _loaded(webui, a)
+    data = webui.sd_models.model_data
+    need = sum(os.path.getsize(webui.models / f"sub/{n}.safetensors") for n in ("base", "tune")) + (1 << 30)
+    during = {}
+    if webui.flavor == "forge":
+        from backend import memory_management
+        monkeypatch.setitem(memory_management.free_bytes, "cpu", need - 1)
+        act_at(webui.host, 0.0, lambda: during.update(model=data.sd_model, hash=data.forge_hash,
+                                                      calls=list(memory_management.calls)))
+    else:
+        from lib_rebasin.host import memory
+        monkeypatch.setattr(memory, "available_ram", lambda: need - 1)
+        act_at(webui.host, 0.0, lambda: during.update(model=data.sd_model, kept=list(data.loaded_sd_models)))
+    path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="roomy"))
+    assert path_out == str(webui.models / "roomy.safetensors")
+    assert "was unloaded to make room in RAM" in html and "loaded again afterwards" in html
+    if webui.flavor == "forge":
+        assert isinstance(during["model"], webui.sd_models.FakeInitialModel) and during["hash"] == ""
+        assert "unload_all_models" in during["calls"]
+        assert memory_management.calls[-1] == "forge_model_reload"
+    else:
+        assert during == {"model": None, "kept": []} and model.device == "meta"
+        assert webui.sd_models.loads[-1] is model.sd_checkpoint_info
+    assert data.sd_model is not model and data.sd_model.sd_checkpoint_info is model.sd_checkpoint_info
+
+
+def test_with_room_to_spare_the_model_stays(webui, monkeypatch):
+    webui.build_ui()
+    a, b = _titles(webui)
+    model = _loaded(webui, a)
+    if webui.flavor == "a1111":
+        from lib_rebasin.host import memory
+        monkeypatch.setattr(memory, "available_ram", lambda: 64 << 30)
+    path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="spare"))
+    assert path_out and "unloaded" not in html
+    assert webui.sd_models.model_data.sd_model is model
+
+
+def test_a_failed_reload_is_reported_not_raised(webui, monkeypatch):
+    webui.build_ui()
+    a, b = _titles(webui)
+    _loaded(webui, a)
+    from lib_rebasin.host import memory
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("the checkpoint is gone")
+    if webui.flavor == "forge":
+        from backend import memory_management
+        monkeypatch.setitem(memory_management.free_bytes, "cpu", 1)
+        monkeypatch.setattr(webui.sd_models, "forge_model_reload", broken)
+    else:
+        monkeypatch.setattr(memory, "available_ram", lambda: 1)
+        monkeypatch.setattr(webui.sd_models, "load_model", broken)
+    path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="after"))
+    assert path_out and "loading it again failed (FileNotFoundError: the checkpoint is gone)" in html
+
+
+def test_vram_is_freed_for_gpu_work_when_short_and_given_back(webui, monkeypatch):
+    from lib_rebasin.host import a1111
+    request = _request(webui, "cuda")
+    if webui.flavor == "forge":
+        from backend import memory_management
+        model = _loaded(webui, _titles(webui)[0])
+        on_gpu = [SimpleNamespace(model=model, device=torch.device("cuda"))]
+        monkeypatch.setattr(memory_management, "current_loaded_models", on_gpu)
+        with webui.host.room_for(request) as freed:
+            assert freed is None  # 24 GB free: nothing to do
+        monkeypatch.setitem(memory_management.free_bytes, "cuda", 1 << 30)
+        with webui.host.room_for(request) as freed:
+            assert freed.memory == "VRAM" and memory_management.calls[-2:] == ["unload_all_models",
+                                                                               "soft_empty_cache"]
+        assert memory_management.calls[-1] == ("load_models_gpu", [model]) and freed.restored
+        return
     model = webui.sd_models.FakeModel("cuda")
     webui.sd_models.model_data.sd_model = model
     webui.devices.device = torch.device("cuda")
-    with webui.host.vram_freed("cuda"):
+    monkeypatch.setattr(a1111, "_free_vram", lambda device: 20 << 30)
+    with webui.host.room_for(request) as freed:
+        assert freed is None
+    monkeypatch.setattr(a1111, "_free_vram", lambda device: 1 << 30)
+    with webui.host.room_for(request) as freed:
         moved = list(model.moves)
-    with webui.host.vram_freed("cpu"):
+    with webui.host.room_for(_request(webui, "cpu")):  # a CPU job does not need the VRAM
         pass
-    if webui.flavor == "a1111":
-        assert moved == ["cpu"] and model.moves == ["cpu", "cuda"]
-    else:
-        from backend import memory_management
-        assert memory_management.calls == ["unload_all_models", "soft_empty_cache"] and model.moves == []
+    assert moved == ["cpu"] and model.moves == ["cpu", "cuda"] and freed.restored
 
 
 def test_without_the_gradio_queue_the_handler_takes_no_progress(webui):

@@ -15,12 +15,14 @@ import re
 from typing import Callable, Iterator
 
 from ..checkpoint import same_file
+from . import memory
 from .base import Host, Settings, UnknownCheckpoint, XyzTargets, parse_credentials
 
 PROGRESS_STEPS = 1000
 SETTINGS_SECTION = ("rebasin", "Re-Basin Merge")
 SETTINGS_CATEGORY = "sd"  # listed with the webui's Stable Diffusion settings
 XYZ_SCRIPT_FILE = "xyz_grid.py"
+PERMUTATION_CACHE_FOLDER = "rebasin-cache"  # under the webui's models folder, beside Stable-diffusion
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]\s*$")
 
 
@@ -84,9 +86,11 @@ class A1111Host(Host):
     def settings(self) -> Settings:
         from modules import shared
         opts = shared.opts
+        limit = getattr(opts, "rebasin_permutation_cache_limit_mb", None)
         return Settings(dtype=getattr(opts, "rebasin_dtype", "fp16") or "fp16",
                         device=getattr(opts, "rebasin_device", "") or "",
-                        permutation_cache=getattr(opts, "rebasin_permutation_cache", "") or "")
+                        permutation_cache=getattr(opts, "rebasin_permutation_cache", "") or "",
+                        permutation_cache_limit_mb=Settings.permutation_cache_limit_mb if limit is None else limit)
 
     def register_settings(self, options: list[tuple[str, object, str, object, dict | Callable | None, str]]) -> None:
         """Add our options to the webui's Settings page: (key, default, label, component, component_args, info)."""
@@ -96,20 +100,82 @@ class A1111Host(Host):
                                        section=SETTINGS_SECTION, category_id=SETTINGS_CATEGORY)
             shared.opts.add_option(key, option.info(info) if info else option)
 
+    def default_permutation_cache_dir(self) -> str:
+        """`models/rebasin-cache`, beside `models/Stable-diffusion` (which the webui lists recursively)."""
+        from modules import paths
+        return os.path.join(paths.models_path, PERMUTATION_CACHE_FOLDER)
+
     @contextlib.contextmanager
-    def vram_freed(self, device: str) -> Iterator[None]:
-        from modules import devices, sd_models
-        model = sd_models.model_data.sd_model
-        if not device.startswith("cuda") or model is None:
-            yield
+    def room_for(self, request) -> Iterator[memory.FreedModel | None]:
+        """A1111's own model handling: a model in VRAM goes to RAM (`unload_model_weights`) and comes back
+        (`send_model_to_device`); a model in RAM is dropped (`send_model_to_trash`, like a checkpoint switch
+        does) and built again from its file (`load_model`)."""
+        from modules import sd_models
+        model = sd_models.model_data.sd_model  # not shared.sd_model: reading that would load a model
+        device = _model_device(model)
+        if device is None:
+            yield None
             return
+        gpu_job = request.device.startswith("cuda")
+        if gpu_job and device.type == "cuda":
+            free, need = _free_vram(request.device), memory.VRAM_NEED
+            if not memory.short_of(need, free):
+                yield None
+                return
+            freed = memory.FreedModel(_model_name(model), "VRAM", free, need)
+            self._offload(model)
+            try:
+                yield freed
+            finally:
+                freed.restored, freed.error = _attempt(lambda: self._onload(model))
+        elif not gpu_job and device.type == "cpu":
+            free, need = self._available_ram(), memory.ram_need([*request.models, request.vae])
+            if not memory.short_of(need, free):
+                yield None
+                return
+            freed = memory.FreedModel(_model_name(model), "RAM", free, need)
+            info = self._drop_models()
+            try:
+                yield freed
+            finally:
+                freed.restored, freed.error = _attempt(lambda: self._reload(info))
+        else:
+            yield None
+
+    def _available_ram(self) -> int | None:
+        return memory.available_ram()
+
+    def _offload(self, model) -> None:
+        from modules import devices, sd_models
         sd_models.unload_model_weights(model)
         devices.torch_gc()
-        try:
-            yield
-        finally:
-            devices.torch_gc()
-            sd_models.send_model_to_device(model)
+
+    def _onload(self, model) -> None:
+        from modules import devices, sd_models
+        devices.torch_gc()
+        sd_models.send_model_to_device(model)
+
+    def _drop_models(self):
+        """Every model the webui holds in RAM (the current one, those kept by `sd_checkpoints_limit`, cached
+        state dicts) goes; returns the current one's CheckpointInfo, to load it again."""
+        import gc
+
+        from modules import devices, sd_models
+        data = sd_models.model_data
+        info = getattr(data.sd_model, "sd_checkpoint_info", None)
+        for model in {id(m): m for m in [data.sd_model, *data.loaded_sd_models] if m is not None}.values():
+            sd_models.send_model_to_trash(model)
+        data.loaded_sd_models.clear()
+        data.sd_model = None
+        getattr(sd_models, "checkpoints_loaded", {}).clear()
+        gc.collect()
+        devices.torch_gc()
+        return info
+
+    def _reload(self, info) -> None:
+        from modules import sd_models
+        if info is not None:
+            sd_models.load_model(info)
 
     # --- jobs -------------------------------------------------------------------------------------------------
     def _exclusive(self):
@@ -198,3 +264,38 @@ class A1111Host(Host):
     def xyz_title_for_path(self, path: str) -> str | None:
         info = self._info_for_path(path)
         return info.title if info is not None else None
+
+
+def _model_device(model):
+    """Where a loaded model's weights are (a torch.device), or None when no real model is loaded."""
+    if model is None:
+        return None
+    try:
+        parameter = next(model.parameters())
+    except (AttributeError, StopIteration, TypeError):
+        return None
+    return None if parameter.device.type == "meta" else parameter.device
+
+
+def _model_name(model) -> str:
+    info = getattr(model, "sd_checkpoint_info", None)
+    return getattr(info, "name", None) or getattr(info, "title", None) or "(loaded model)"
+
+
+def _free_vram(device: str) -> int | None:
+    import torch
+    try:
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+
+
+def _attempt(action: Callable[[], None]) -> tuple[bool, str]:
+    """(done, error message) of bringing a model back: a failure there must not hide the job's result."""
+    try:
+        action()
+        return True, ""
+    except Exception as e:  # reported to the user in the result; the webui's own log has the traceback
+        import traceback
+        traceback.print_exc()
+        return False, f"{type(e).__name__}: {e}"

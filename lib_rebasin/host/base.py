@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
 from ..progress import SILENT, Monitor
+from .memory import FreedModel
 
 T = TypeVar("T")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -35,7 +36,8 @@ class UnknownCheckpoint(ValueError):
 class Settings:
     dtype: str = "fp16"            # default output dtype
     device: str = ""               # "" means the host's own device
-    permutation_cache: str = ""    # folder for cached re-basin permutations; "" means the default
+    permutation_cache: str = ""    # folder for cached re-basin permutations; "" means the host's default
+    permutation_cache_limit_mb: float = 1024  # the cache's size cap; the least recently used files go first
 
 
 @dataclass(frozen=True)
@@ -162,14 +164,50 @@ class Host(ABC):
             raise ValueError(f"unknown device {choice!r}: use cpu or cuda")
         return choice
 
-    def permutation_cache_dir(self) -> str | None:
-        """Where re-basin permutations are cached; None: the library's default (beside the output)."""
-        return self.settings().permutation_cache.strip() or None
+    def permutation_cache_dir(self) -> str:
+        """Where re-basin permutations are cached: the setting, else the host's default folder (never the
+        checkpoint folder: the cache is not a model)."""
+        return os.path.abspath(os.path.expanduser(self.settings().permutation_cache.strip()
+                                                  or self.default_permutation_cache_dir()))
+
+    def default_permutation_cache_dir(self) -> str:
+        from ..permcache import default_cache_dir
+        return str(default_cache_dir())
+
+    def permutation_cache_limit(self) -> int:
+        """The permutation cache's size cap in bytes (0: no cap)."""
+        return max(0, int(float(self.settings().permutation_cache_limit_mb or 0) * (1 << 20)))
 
     @contextlib.contextmanager
-    def vram_freed(self, device: str) -> Iterator[None]:
-        """Move the host's live model out of VRAM while a job computes on `device`, then put it back."""
-        yield
+    def room_for(self, request) -> Iterator[FreedModel | None]:
+        """While `request` (a jobs.MergeRequest) runs: unload the host's loaded model if memory is short
+        beside it (RAM for a CPU job, VRAM for a GPU job) and bring it back after.  Yields what was unloaded
+        (its `describe()` is for the user), or None."""
+        yield None
+
+    @contextlib.contextmanager
+    def job_room(self, request) -> Iterator[list[str]]:
+        """Around one merge job: room for it (`room_for`), then the permutation cache trimmed to its cap.
+        Yields a list that holds, once the block is left, notes for the user about both."""
+        notes: list[str] = []
+        try:
+            with self.room_for(request) as freed:
+                try:
+                    yield notes
+                finally:
+                    if freed is not None:
+                        notes.append(freed)  # described once it has been restored (or not)
+        finally:
+            notes[:] = [n.describe() if isinstance(n, FreedModel) else n for n in notes]
+            notes.extend(self.trim_permutation_cache())
+
+    def trim_permutation_cache(self) -> list[str]:
+        from ..permcache import trim_cache
+        removed = trim_cache(self.permutation_cache_dir(), self.permutation_cache_limit())
+        if not removed:
+            return []
+        return [f"The permutation cache was over its size limit: its {len(removed)} least recently used "
+                f"file(s) were removed."]
 
     # --- jobs -------------------------------------------------------------------------------------------------
     @abstractmethod

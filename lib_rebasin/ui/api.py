@@ -101,12 +101,18 @@ class JobBoard:
         def on_progress(fraction: float, message: str) -> None:
             job.progress, job.message = fraction, message
 
+        notes: list[str] = []
+
         def merge(monitor):
-            with self.host.vram_freed(request.device):
-                return jobs.run(request, monitor)
+            with self.host.job_room(request) as room:
+                result = jobs.run(request, monitor)
+                late = self.host.interrupted()  # asked after the last point where the job could stop
+            notes.extend(room)
+            return result, late
 
         try:
-            result = self.host.run_job(f"rebasin-api-{job.id}", merge, on_progress=on_progress, on_start=on_start)
+            result, late = self.host.run_job(f"rebasin-api-{job.id}", merge, on_progress=on_progress,
+                                             on_start=on_start)
         except Cancelled:
             job.state, job.message = "cancelled", "interrupted: no file was written"
             return
@@ -119,8 +125,9 @@ class JobBoard:
         self.host.refresh_checkpoints()
         job.result = {"path": result.path, "title": self.host.title_for_path(result.path), "bytes": result.bytes,
                       "seconds": result.seconds, "warnings": list(result.warnings), "report": result.report,
-                      "chart": result.chart}
-        job.state, job.progress, job.message = "done", 1.0, "done"
+                      "chart": result.chart, "notes": notes}
+        job.state, job.progress = "done", 1.0
+        job.message = "done (the interrupt came too late to stop the write)" if late else "done"
 
     def interrupt(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -147,7 +154,7 @@ def mount(app: FastAPI, host: Host) -> JobBoard:
     dependencies = [Depends(_authenticator(credentials))] if credentials else []
 
     def methods() -> dict:
-        return {key: {"label": m.label, "models": m.n_models, "formula": m.formula,
+        return {key: {"label": m.label, "models": m.n_models, "formula": forms.formula_symbols(key),
                       "uses_multiplier": m.uses_multiplier, "uses_alpha": m.uses_alpha, "uses_seed": m.uses_seed}
                 for key, m in jobs.METHODS.items()}
 

@@ -145,6 +145,11 @@ def formula_text(method: str, multiplier: float, alpha: float) -> str:
     return info.formula.format(M=_plain(float(multiplier)), alpha=_plain(float(alpha)))
 
 
+def formula_symbols(method: str) -> str:
+    """The method's formula with its parameters as symbols, e.g. 'A + M·(B − A)'."""
+    return jobs.METHODS[method_key(method)].formula.format(M="M", alpha="α")
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

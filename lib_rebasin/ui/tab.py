@@ -15,9 +15,11 @@ import gradio as gr
 
 from .. import jobs
 from ..anatomy import COMPONENT_LABELS, COMPONENTS, ArchitectureError
+from ..layout import CLIP_G, CLIP_L, UNET, VAE
 from ..checkpoint import CheckpointError
 from ..host.base import DTYPE_CHOICES, Host
 from ..merge import DEFAULT_COMPONENTS
+from ..permcache import cache_usage, clear_cache
 from ..progress import Cancelled
 from . import forms, xyz
 from .compat import hidden_progress, js
@@ -25,29 +27,64 @@ from .compat import hidden_progress, js
 SOURCE_LABELS = {"merge": "merge", "a": "A", "b": "B"}  # radio choice per component source
 INTRO = ("<div class='rebasin-intro'>Pick a method and the models, then <b>Merge</b>. The result is written "
          "into the models folder and appears in every checkpoint list.</div>")
+STARTING = ("<div class='rebasin-running'>Starting… (a generation or merge that is running in the webui "
+            "finishes first)</div>")
+LATE_INTERRUPT = ("Interrupt came too late to stop this merge: the file was already complete and being "
+                  "written to disk, so it was kept.")
 # Order of the values the merge handler receives (see TabActions.recipe).
 RECIPE_FIELDS = ("method", "model_a", "model_b", "model_c", "models_many", "multiplier", "alpha", "seed",
                  *(f"source_{c}" for c in COMPONENTS), "vae", "dtype", "device", "output_name", "overwrite",
                  "compute", "clamp", "allow_nonfinite")
+PROGRESS_LIMIT = 64  # characters of a progress description (the bar adds the percentage)
+# a checkpoint key's prefix -> the component it belongs to, for progress text ("UNet middle_block.1…")
+_KEY_PREFIXES = ((UNET, COMPONENT_LABELS["unet"]), (CLIP_L, COMPONENT_LABELS["clip_l"]),
+                 (CLIP_G, COMPONENT_LABELS["clip_g"]), (VAE, COMPONENT_LABELS["vae"]))
 
 
-def _short(message: str, limit: int = 60) -> str:
-    return message if len(message) <= limit else "…" + message[-(limit - 1):]
+def progress_text(message: str, limit: int = PROGRESS_LIMIT) -> str:
+    """A progress message that fits the bar: its phase kept in front, a checkpoint key named by its component,
+    cut from the right.  The streamed merge reports bare keys: their phase is 'writing'."""
+    phase, sep, detail = message.partition(": ")
+    if not sep:
+        phase, detail = ("writing", message) if _component_key(message) != message else (message, "")
+    text = f"{phase}: {_component_key(detail)}" if detail else phase
+    return text if len(text) <= limit else text[:limit - 1].rstrip(" .:") + "…"
+
+
+def _component_key(key: str) -> str:
+    for prefix, label in _KEY_PREFIXES:
+        if key.startswith(prefix):
+            return f"{label} {key[len(prefix):]}"
+    return key
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(1, round(seconds / 5) * 5):.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 class ThrottledProgress:
-    """Forwards progress at most every `interval` seconds (and always the end), for Gradio's progress bar."""
+    """Forwards progress at most every `interval` seconds (and always the end), for Gradio's progress bar, with
+    a time-left estimate from this job's own pace (Gradio's own ETA is the average of earlier, different jobs,
+    so the tab hides it)."""
 
-    def __init__(self, target: Callable[..., object], interval: float = 0.25):
+    def __init__(self, target: Callable[..., object], interval: float = 0.25, clock: Callable[[], float] = time.monotonic):
         self.target = target
         self.interval = interval
-        self._last = 0.0
+        self.clock = clock
+        self._start = clock()
+        self._last = float("-inf")
 
     def __call__(self, fraction: float, message: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if fraction >= 1.0 or now - self._last >= self.interval:
             self._last = now
-            self.target(fraction, desc=_short(message))
+            text = progress_text(message)
+            elapsed = now - self._start
+            if 0.02 <= fraction < 1.0 and elapsed >= 5:
+                text += f" · about {_duration(elapsed * (1 - fraction) / fraction)} left"
+            self.target(fraction, desc=text)
 
 
 class TabActions:
@@ -93,12 +130,44 @@ class TabActions:
                 f"<div class='rebasin-formula-models'>{''.join(names)}</div>{target}</div>")
         return [card, gr.update(placeholder=suggested or "name of the new checkpoint")]
 
-    def refresh(self) -> list:
+    def refresh(self, *current) -> list:
+        """Rescan the models folder: the lists, the VAE list, the empty-folder hint, the cache line.  Given the
+        lists' current values (A, B, C, MergeMany), each is kept as what the host calls that file now (A1111
+        titles gain a ' [hash]' once the webui hashes a file), or cleared if the file is gone."""
         self.host.refresh_checkpoints()
         titles = self.host.checkpoint_titles()
-        return [gr.update(choices=titles) for _ in range(4)] + [
+        return self._lists(titles, current) + [
             gr.update(choices=[forms.NO_VAE, *self.host.vae_files()]),
-            gr.update(visible=self.host.can_create_samples and not titles)]
+            gr.update(visible=not titles), self.cache_info()]
+
+    def _lists(self, titles: list[str], current: Sequence) -> list:
+        if not current:
+            return [gr.update(choices=titles) for _ in range(4)]
+        a, b, c, many = (list(current) + [None] * 4)[:4]
+        return [*(gr.update(choices=titles, value=self._current_title(v)) for v in (a, b, c)),
+                gr.update(choices=titles, value=[t for t in map(self._current_title, many or []) if t])]
+
+    def _current_title(self, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            return self.host.title_for_path(self.host.checkpoint_path(value))
+        except ValueError:
+            return None
+
+    def cache_info(self) -> str:
+        """One line on the permutation cache: where, how big, its cap."""
+        folder = self.host.permutation_cache_dir()
+        count, size = cache_usage(folder)
+        limit = self.host.permutation_cache_limit()
+        cap = f" of {forms.human_bytes(limit)}" if limit else ""
+        return (f"<div class='rebasin-cache-info'>Permutation cache: {count} file{'s' if count != 1 else ''}, "
+                f"{forms.human_bytes(size)}{cap} in <code>{html.escape(folder)}</code></div>")
+
+    def clear_cache(self) -> str:
+        removed = clear_cache(self.host.permutation_cache_dir())
+        return self.cache_info() + (f"<div class='rebasin-cache-info'>Removed {removed} file"
+                                    f"{'s' if removed != 1 else ''}.</div>")
 
     # --- the merge ---------------------------------------------------------------------------------------------
     def merge(self, values: Sequence, progress: Callable[..., object] | None = None) -> list:
@@ -108,27 +177,39 @@ class TabActions:
         except ValueError as e:
             return [None, forms.error_html(e)]
         on_progress = ThrottledProgress(progress) if progress is not None else None
+        notes: list[str] = []
         try:
-            with self.host.vram_freed(request.device):
+            with self.host.job_room(request) as notes:
                 result = jobs.run(request, self.host.monitor(on_progress))
+                if self.host.interrupted():  # asked after the last point where the job could stop
+                    notes.insert(0, LATE_INTERRUPT)
         except Cancelled:
-            return [None, forms.message_html("cancelled", "Interrupted: no file was written.")]
+            return [None, forms.message_html("cancelled", "Interrupted: no file was written.") + _notes_html(notes)]
         except (ValueError, CheckpointError, ArchitectureError) as e:
-            return [None, forms.error_html(e)]
+            return [None, forms.error_html(e) + _notes_html(notes)]
         self.host.refresh_checkpoints()
-        return [result.path, forms.result_html(result, self.host.models_dir())]
+        return [result.path, _notes_html(notes[:1] if notes[:1] == [LATE_INTERRUPT] else [])
+                + forms.result_html(result, self.host.models_dir())
+                + _notes_html([n for n in notes if n != LATE_INTERRUPT])]
+
+    def starting(self) -> list:
+        """Before a job: an empty result box (Gradio's progress bar has it to itself), no Load / Compare (they
+        would point at the previous result)."""
+        return [STARTING, gr.update(visible=False), gr.update(visible=False)]
 
     def after_merge(self, result_path: str | None, history: list | None, *models) -> list:
-        """Refresh the lists; offer Load and Compare for a new result; remember it for the XYZ comparison."""
+        """Refresh the lists; offer Load and Compare for a new result only; remember it for the XYZ comparison.
+        `models`: the values of A, B, C and MergeMany."""
         titles = self.host.checkpoint_titles()
-        lists = [gr.update(choices=titles) for _ in range(4)]
+        lists = self._lists(titles, models)
         history = list(history or [])
         if not result_path:
-            return lists + [gr.update(), gr.update(), gr.update(), history]
+            return lists + [gr.update(visible=False), gr.update(visible=False), "", history, self.cache_info()]
         load_value = self.host.load_value(result_path) or ""
         history.append({"models": xyz.model_paths(self.host, models[:2]), "result": result_path})
-        return lists + [gr.update(visible=self.host.can_load and bool(load_value)),
-                        gr.update(visible=self.host.xyz_targets() is not None), load_value, history]
+        return lists + [gr.update(visible=self.host.can_load and bool(load_value), value=f"Load {load_value}"),
+                        gr.update(visible=self.host.xyz_targets() is not None), load_value, history,
+                        self.cache_info()]
 
     def interrupt(self) -> None:
         self.host.interrupt()
@@ -169,14 +250,11 @@ def build_tab(host: Host) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(elem_id="rebasin_tab", equal_height=False):
             with gr.Column(scale=3, elem_classes=["rebasin-recipe"]):
-                with gr.Column(visible=host.can_create_samples and not titles, elem_id="rebasin_samples",
+                with gr.Column(visible=not titles, elem_id="rebasin_samples",
                                elem_classes=["rebasin-samples"]) as samples:
-                    gr.HTML(f"<div class='rebasin-samples-text'><b>No checkpoints in "
-                            f"<code>{html.escape(host.models_dir())}</code>.</b> Create two synthetic SDXL "
-                            f"checkpoints ({host.sample_scale} scale: a base and a fine-tune of it) to try every "
-                            f"method.</div>")
+                    gr.HTML(_empty_folder_html(host))
                     samples_button = gr.Button("Create two synthetic SDXL checkpoints", variant="primary",
-                                               elem_id="rebasin_create_samples")
+                                               elem_id="rebasin_create_samples", visible=host.can_create_samples)
                 method = gr.Radio(labels, value=first.label, label="Method", elem_id="rebasin_method")
                 formula = gr.HTML(initial_formula, elem_id="rebasin_formula")
                 with gr.Row(elem_classes=["rebasin-models"]):
@@ -216,6 +294,10 @@ def build_tab(host: Host) -> gr.Blocks:
                         clamp = gr.Checkbox(False, label="Clamp to the inputs' range", elem_id="rebasin_clamp")
                         allow_nonfinite = gr.Checkbox(False, label="Allow NaN / Inf in the output",
                                                       elem_id="rebasin_allow_nonfinite")
+                    with gr.Row(elem_classes=["rebasin-cache"]):
+                        cache_info = gr.HTML(actions.cache_info(), elem_id="rebasin_cache_info")
+                        cache_clear = gr.Button("Clear the cache", elem_id="rebasin_cache_clear", size="sm",
+                                                scale=0, min_width=140)
                 with gr.Row(elem_classes=["rebasin-output"]):
                     output_name = gr.Textbox(label="Output name", placeholder="name of the new checkpoint",
                                              max_lines=1, elem_id="rebasin_output_name", scale=4)
@@ -242,14 +324,16 @@ def build_tab(host: Host) -> gr.Blocks:
         for component in [method, *lists, multiplier, alpha, output_name]:
             component.change(actions.preview, inputs=recipe_inputs, outputs=[formula, output_name],
                              **hidden_progress())
-        refresh.click(actions.refresh, outputs=[*lists, vae, samples], **hidden_progress())
+        refresh_outputs = [*lists, vae, samples, cache_info]
+        refresh.click(actions.refresh, inputs=lists, outputs=refresh_outputs, **hidden_progress())
+        cache_clear.click(actions.clear_cache, outputs=[cache_info], **hidden_progress())
 
         merge_handler = _with_progress(host, actions.merge, "merge")
-        merge_button.click(_placeholder, outputs=[result], **hidden_progress()) \
+        merge_button.click(actions.starting, outputs=[result, load_button, xyz_button], **hidden_progress()) \
             .then(host.wrap_ui_job(merge_handler, extra_outputs=[None]), inputs=recipe_inputs,
                   outputs=[result_path, result]) \
-            .then(actions.after_merge, inputs=[result_path, history, model_a, model_b],
-                  outputs=[*lists, load_button, xyz_button, load_value, history], **hidden_progress()) \
+            .then(actions.after_merge, inputs=[result_path, history, *lists],
+                  outputs=[*lists, load_button, xyz_button, load_value, history, cache_info], **hidden_progress()) \
             .then(None, **js("rebasinAfterMerge"))
         interrupt_button.click(actions.interrupt, **hidden_progress())
         load_button.click(None, inputs=[load_value], **js("rebasinLoadCheckpoint"))
@@ -259,18 +343,29 @@ def build_tab(host: Host) -> gr.Blocks:
             created = gr.State([])
             samples_handler = _with_progress(host, lambda values, progress: actions.create_samples(progress),
                                              "create_samples")
-            samples_button.click(_placeholder, outputs=[result], **hidden_progress()) \
+            samples_button.click(actions.starting, outputs=[result, load_button, xyz_button],
+                                 **hidden_progress()) \
                 .then(host.wrap_ui_job(samples_handler, extra_outputs=[[]]), outputs=[created, result]) \
                 .then(actions.after_samples, inputs=[created], outputs=[*lists, samples], **hidden_progress()) \
                 .then(actions.preview, inputs=recipe_inputs, outputs=[formula, output_name], **hidden_progress())
     tab.rebasin_actions = actions
-    tab.rebasin_refresh_outputs = [*lists, vae, samples]
+    tab.rebasin_refresh_outputs = refresh_outputs
     return tab
 
 
-def _placeholder() -> str:
-    """Empties the result box before a job, so that Gradio's progress bar has it to itself."""
-    return "<div class='rebasin-running'></div>"
+def _empty_folder_html(host: Host) -> str:
+    folder = f"<code>{html.escape(host.models_dir())}</code>"
+    if host.can_create_samples:
+        return (f"<div class='rebasin-samples-text'><b>No checkpoints in {folder}.</b> Create two synthetic SDXL "
+                f"checkpoints ({host.sample_scale} scale: a base and a fine-tune of it) to try every "
+                f"method.</div>")
+    return (f"<div class='rebasin-samples-text'><b>No checkpoints in {folder}.</b> Put SDXL checkpoints "
+            f"(<code>.safetensors</code>) there, then press ↻ to list them.</div>")
+
+
+def _notes_html(notes: Sequence[str]) -> str:
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return f"<ul class='rebasin-notes'>{items}</ul>" if items else ""
 
 
 def _with_progress(host: Host, action: Callable[..., list], name: str) -> Callable[..., list]:

@@ -1,5 +1,5 @@
 """modules/sd_models.py: the checkpoint registry (titles 'name [shorthash]' once a file is hashed, aliases),
-listing, lookup, and the model moves that freeing VRAM uses."""
+listing, lookup, and the model moves and loads that making room for a job uses."""
 import os
 import re
 
@@ -89,21 +89,34 @@ class SdModelData:
     def __init__(self):
         self.sd_model = None
         self.loaded_sd_models = []
+        self.was_loaded_at_least_once = False
 
 
 model_data = SdModelData()
+checkpoints_loaded = {}  # the state-dict cache of `sd_checkpoint_cache`
+loads = []  # stand-in only: the CheckpointInfo of every load_model call
+
+
+class _Parameter:
+    def __init__(self, device):
+        self.device = device
 
 
 class FakeModel:
     """Stand-in only: a loaded model that remembers where it was moved."""
-    def __init__(self, device="cuda"):
-        self.device = device
+    def __init__(self, device="cuda", info=None):
+        self.device = str(device)
         self.moves = []
+        self.sd_checkpoint_info = info
 
     def to(self, device):
         self.device = str(device)
         self.moves.append(str(device))
         return self
+
+    def parameters(self):
+        import torch
+        yield _Parameter(torch.device(self.device))
 
 
 def send_model_to_cpu(m):
@@ -113,6 +126,20 @@ def send_model_to_cpu(m):
 def send_model_to_device(m):
     from modules import devices
     m.to(devices.device)
+
+
+def send_model_to_trash(m):
+    m.to("meta")
+
+
+def load_model(checkpoint_info=None, already_loaded_state_dict=None):
+    from modules import devices
+    loads.append(checkpoint_info)
+    model = FakeModel(devices.device, checkpoint_info)
+    model_data.sd_model = model
+    model_data.loaded_sd_models.insert(0, model)
+    model_data.was_loaded_at_least_once = True
+    return model
 
 
 def unload_model_weights(sd_model=None, info=None):
