@@ -334,9 +334,12 @@ def test_a_merge_short_of_ram_unloads_the_webuis_model_and_loads_it_again(webui,
         from lib_rebasin.host import memory
         monkeypatch.setattr(memory, "available_ram", lambda: need - 1)
         act_at(webui.host, 0.0, lambda: during.update(model=data.sd_model, kept=list(data.loaded_sd_models)))
-    path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="roomy"))
+    progress = ProgressRecorder()
+    path_out, html = handler(webui.demo, "merge")(progress, *webui.values(a, b, output_name="roomy"))
     assert path_out == str(webui.models / "roomy.safetensors")
     assert "was unloaded to make room in RAM" in html and "loaded again afterwards" in html
+    said = [desc for _, desc in progress.calls]
+    assert said[0].startswith("unloading the webui's model: ") and said[-1].startswith("loading the webui's model")
     if webui.flavor == "forge":
         assert isinstance(during["model"], webui.sd_models.FakeInitialModel) and during["hash"] == ""
         assert "unload_all_models" in during["calls"]

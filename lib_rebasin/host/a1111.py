@@ -106,7 +106,8 @@ class A1111Host(Host):
         return os.path.join(paths.models_path, PERMUTATION_CACHE_FOLDER)
 
     @contextlib.contextmanager
-    def room_for(self, request) -> Iterator[memory.FreedModel | None]:
+    def room_for(self, request, say: Callable[[str], None] = lambda text: None
+                 ) -> Iterator[memory.FreedModel | None]:
         """A1111's own model handling: a model in VRAM goes to RAM (`unload_model_weights`) and comes back
         (`send_model_to_device`); a model in RAM is dropped (`send_model_to_trash`, like a checkpoint switch
         does) and built again from its file (`load_model`)."""
@@ -123,10 +124,12 @@ class A1111Host(Host):
                 yield None
                 return
             freed = memory.FreedModel(_model_name(model), "VRAM", free, need)
+            say(freed.unloading())
             self._offload(model)
             try:
                 yield freed
             finally:
+                say(freed.reloading())
                 freed.restored, freed.error = _attempt(lambda: self._onload(model))
         elif not gpu_job and device.type == "cpu":
             free, need = self._available_ram(), memory.ram_need([*request.models, request.vae])
@@ -134,10 +137,12 @@ class A1111Host(Host):
                 yield None
                 return
             freed = memory.FreedModel(_model_name(model), "RAM", free, need)
+            say(freed.unloading())
             info = self._drop_models()
             try:
                 yield freed
             finally:
+                say(freed.reloading())
                 freed.restored, freed.error = _attempt(lambda: self._reload(info))
         else:
             yield None

@@ -179,19 +179,19 @@ class Host(ABC):
         return max(0, int(float(self.settings().permutation_cache_limit_mb or 0) * (1 << 20)))
 
     @contextlib.contextmanager
-    def room_for(self, request) -> Iterator[FreedModel | None]:
+    def room_for(self, request, say: Callable[[str], None] = lambda text: None) -> Iterator[FreedModel | None]:
         """While `request` (a jobs.MergeRequest) runs: unload the host's loaded model if memory is short
-        beside it (RAM for a CPU job, VRAM for a GPU job) and bring it back after.  Yields what was unloaded
-        (its `describe()` is for the user), or None."""
+        beside it (RAM for a CPU job, VRAM for a GPU job) and bring it back after, telling `say` what it is
+        doing.  Yields what was unloaded (its `describe()` is for the user), or None."""
         yield None
 
     @contextlib.contextmanager
-    def job_room(self, request) -> Iterator[list[str]]:
+    def job_room(self, request, say: Callable[[str], None] = lambda text: None) -> Iterator[list[str]]:
         """Around one merge job: room for it (`room_for`), then the permutation cache trimmed to its cap.
         Yields a list that holds, once the block is left, notes for the user about both."""
         notes: list[str] = []
         try:
-            with self.room_for(request) as freed:
+            with self.room_for(request, say) as freed:
                 try:
                     yield notes
                 finally:

@@ -34,7 +34,8 @@ class ForgeHost(A1111Host):
         return str(memory_management.get_torch_device())
 
     @contextlib.contextmanager
-    def room_for(self, request) -> Iterator[memory.FreedModel | None]:
+    def room_for(self, request, say: Callable[[str], None] = lambda text: None
+                 ) -> Iterator[memory.FreedModel | None]:
         """VRAM: the models on the GPU go to their offload device (`unload_all_models`) and are loaded to the
         GPU again after (`load_models_gpu`).  RAM: the model is dropped as a checkpoint switch drops it and
         `forge_model_reload` loads it again from its file."""
@@ -54,10 +55,12 @@ class ForgeHost(A1111Host):
                 yield None
                 return
             freed = memory.FreedModel(_model_name(model), "VRAM", free, need)
+            say(freed.unloading())
             _on_main_thread(_unload_all)
             try:
                 yield freed
             finally:
+                say(freed.reloading())
                 freed.restored, freed.error = _attempt(lambda: _on_main_thread(
                     lambda: memory_management.load_models_gpu(on_gpu)))
         else:
@@ -68,10 +71,12 @@ class ForgeHost(A1111Host):
                 return
             freed = memory.FreedModel(_model_name(model), "RAM", free, need)
             del model
+            say(freed.unloading())
             _on_main_thread(_drop_model)
             try:
                 yield freed
             finally:
+                say(freed.reloading())
                 freed.restored, freed.error = _attempt(lambda: _on_main_thread(sd_models.forge_model_reload))
 
 

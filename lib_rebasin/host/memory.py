@@ -65,6 +65,12 @@ class FreedModel:
     restored: bool = False
     error: str = ""     # why it could not be brought back
 
+    def unloading(self) -> str:
+        return f"unloading the webui's model: {self.name} (to make room in {self.memory})"
+
+    def reloading(self) -> str:
+        return f"loading the webui's model again: {self.name}"
+
     def describe(self) -> str:
         made_room = (f"The webui's model {self.name} was unloaded to make room in {self.memory} for this job "
                      f"({gib(self.free)} free, {gib(self.need)} wanted)")

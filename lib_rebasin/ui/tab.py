@@ -75,9 +75,15 @@ class ThrottledProgress:
         self.clock = clock
         self._start = clock()
         self._last = float("-inf")
+        self.fraction = 0.0
+
+    def say(self, message: str) -> None:
+        """A message between the job's own reports (e.g. the host making room): shown at once."""
+        self.target(self.fraction, desc=progress_text(message))
 
     def __call__(self, fraction: float, message: str) -> None:
         now = self.clock()
+        self.fraction = fraction
         if fraction >= 1.0 or now - self._last >= self.interval:
             self._last = now
             text = progress_text(message)
@@ -179,7 +185,7 @@ class TabActions:
         on_progress = ThrottledProgress(progress) if progress is not None else None
         notes: list[str] = []
         try:
-            with self.host.job_room(request) as notes:
+            with self.host.job_room(request, on_progress.say if on_progress else lambda text: None) as notes:
                 result = jobs.run(request, self.host.monitor(on_progress))
                 if self.host.interrupted():  # asked after the last point where the job could stop
                     notes.insert(0, LATE_INTERRUPT)
