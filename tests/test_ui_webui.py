@@ -379,6 +379,10 @@ def test_a_failed_reload_is_reported_not_raised(webui, monkeypatch):
         monkeypatch.setattr(webui.sd_models, "load_model", broken)
     path_out, html = handler(webui.demo, "merge")(ProgressRecorder(), *webui.values(a, b, output_name="after"))
     assert path_out and "loading it again failed (FileNotFoundError: the checkpoint is gone)" in html
+    if webui.flavor == "a1111":  # the webui's lazy loading tries again at the next use of the model
+        assert webui.sd_models.model_data.was_loaded_at_least_once is False
+    else:  # Forge loads the selected checkpoint at the next generation
+        assert webui.sd_models.model_data.forge_hash == ""
 
 
 def test_vram_is_freed_for_gpu_work_when_short_and_given_back(webui, monkeypatch):

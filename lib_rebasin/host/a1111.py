@@ -179,8 +179,13 @@ class A1111Host(Host):
 
     def _reload(self, info) -> None:
         from modules import sd_models
-        if info is not None:
+        if info is None:
+            return
+        try:
             sd_models.load_model(info)
+        except BaseException:
+            sd_models.model_data.was_loaded_at_least_once = False  # the next use of the model tries again
+            raise
 
     # --- jobs -------------------------------------------------------------------------------------------------
     def _exclusive(self):
