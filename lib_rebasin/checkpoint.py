@@ -1,9 +1,11 @@
 """The one place that touches checkpoint files: lazy reading and the streaming, atomic safetensors writer.
 
 Reading never holds a whole model: safetensors tensors come one at a time from a memory map, and a
-`.ckpt`/`.pt` is loaded only through `torch.load(weights_only=True, mmap=True)`, which refuses any pickle
-that needs more than tensors and plain containers.  Writing streams tensors into a temporary file beside the
-target, then flushes and renames it, so a failed or cancelled job never leaves a partial output.
+`.ckpt`/`.pt` is loaded only through `torch.load(weights_only=True)` (memory-mapped unless it is the legacy
+non-zip format), which refuses any pickle that needs more than tensors and plain containers.  What a file
+holds is decided by its first bytes, not its extension (renamed files are common).  Writing streams tensors through the output guard
+(`outputs.py`): a temporary file beside the target, committed only when complete, so a failed or cancelled job
+never leaves a partial output.
 """
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import math
 import os
 import pickle
 import queue
-import shutil
+import stat
 import struct
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+
+from .errors import CheckpointError, file_error
+from .outputs import OutputFile, check_free_space, check_output_path
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -29,10 +33,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be read or written; the message names the file and what is wrong."""
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -56,23 +56,31 @@ class TensorInfo:
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and validate a safetensors header: (tensors, metadata, size of the data section)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
-                                  f"(header says {header_len} bytes, file has {size})")
-        raw = f.read(header_len)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header says {header_len} bytes, file has {size})")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise file_error(e, path) from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ is a JSON "
+                              f"{_json_kind(metadata)}, not an object of strings")
     tensors: dict[str, TensorInfo] = {}
     data_end = 0
     for key, entry in header.items():
@@ -81,7 +89,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             shape = tuple(int(n) for n in entry["shape"])
             begin, end = (int(n) for n in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r:.200}") from None
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r:.200}")
         info = TensorInfo(shape, dtype, 8 + header_len + begin)
         if end - begin != info.nbytes:
             raise CheckpointError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} {dtype}")
@@ -94,18 +104,45 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return tensors, {str(k): str(v) for k, v in metadata.items()}, data_end
 
 
+def _json_kind(value: object) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "value")
+
+
+def _sniff(path: Path) -> str:
+    """What a file holds, by its first bytes: 'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save)
+    or 'unknown'.  Files are often renamed, so the content decides, not the extension."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x80":  # pickle's PROTO opcode
+        return "pickle"
+    return "unknown"
+
+
 class Checkpoint:
     """A checkpoint opened for lazy reading. Use as a context manager, or call close()."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such file")
+        try:
+            mode = os.stat(self.path).st_mode
+            if stat.S_ISDIR(mode):
+                raise CheckpointError(f"{self.path}: is a folder, not a checkpoint file")
+            if not stat.S_ISREG(mode):
+                raise CheckpointError(f"{self.path}: not a regular file (a device, pipe or socket)")
+            kind = _sniff(self.path)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and os.path.islink(self.path):
+                raise CheckpointError(f"{self.path}: a symbolic link to a file that does not exist") from None
+            raise file_error(e, self.path) from None
         self._state_dict: dict[str, torch.Tensor] | None = None
         self._handle = None
         self._prefetcher: _Prefetcher | None = None
-        if self.path.suffix.lower() in PICKLE_SUFFIXES:
-            self._state_dict = _load_pickle(self.path)
+        if kind in ("zip", "pickle") or (kind == "unknown" and self.path.suffix.lower() in PICKLE_SUFFIXES):
+            self._state_dict = _load_pickle(self.path, zipped=kind == "zip")
             self.infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in self._state_dict.items()}
             self.metadata: dict[str, str] = {}
         else:
@@ -206,15 +243,24 @@ class _Prefetcher:
             pass
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path, zipped: bool) -> dict[str, torch.Tensor]:
+    """A torch.save file through the weights-only unpickler (memory-mapped when it is the zip format; the
+    legacy format cannot be mapped and is read into memory)."""
+    if path.suffix.lower() == ".safetensors":  # torch.load would hand the file to safetensors by its name
+        raise CheckpointError(f"{path}: not a safetensors file: it holds a PyTorch pickle (torch.save); "
+                              f"rename it to .ckpt to use it")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e) and "Unsupported class" not in str(e):
+            raise CheckpointError(f"{path}: corrupt or not a checkpoint ({_pickle_detail(e)})") from None
         raise CheckpointError(
             f"{path}: refused: this pickle needs more than tensors to load, and running its code could "
-            f"be unsafe. Convert it to .safetensors with a tool you trust. ({str(e).splitlines()[0]})") from None
-    except RuntimeError as e:  # torch's zip reader: truncated or not a checkpoint at all
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+            f"be unsafe. Convert it to .safetensors with a tool you trust. ({_pickle_detail(e)})") from None
+    except OSError as e:
+        raise file_error(e, path) from None
+    except Exception as e:  # torch's readers fail in many ways on a truncated file or one that is no checkpoint
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_pickle_detail(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -222,35 +268,20 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
+def _pickle_detail(error: Exception) -> str:
+    """The informative line of torch.load's error (its first paragraph is a general note on weights_only)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0][:200] if lines else type(error).__name__
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.realpath(a) == os.path.realpath(b)
-
-
-def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
-                      overwrite: bool = False) -> Path:
-    """Refuse an output that is one of the inputs, or an existing file unless overwrite is allowed."""
-    path = Path(path)
-    for source in inputs:
-        if path.exists() and same_file(path, source):
-            raise CheckpointError(f"{path}: refusing to write over an input of this job")
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path}: already exists (allow overwriting to replace it)")
-    if path.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{path}: outputs are written as .safetensors; use that extension")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"{path.parent}: output folder does not exist")
-    return path
-
-
-def check_free_space(folder: str | os.PathLike, nbytes: int) -> None:
-    free = shutil.disk_usage(folder).free
-    margin = 64 * 1024 * 1024
-    if free < nbytes + margin:
-        raise CheckpointError(f"{folder}: not enough free disk space: the output needs "
-                              f"{nbytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
 
 
 def metadata_strings(metadata: Mapping[str, object]) -> dict[str, str]:
@@ -264,26 +295,31 @@ class SafetensorsWriter:
         with SafetensorsWriter(out, {key: TensorInfo(shape, dtype), ...}, metadata, inputs=[a, b]) as w:
             for key in w.keys: w.write(key, tensor)
 
-    Tensors must be written in header order.  On success the file is flushed and renamed into place;
-    on any error, cancellation or interruption the temporary file is removed and nothing appears.
+    Tensors must be written in header order.  The file goes through the output guard (`outputs.OutputFile`):
+    `out` is a path, checked here, or an OutputFile a job created (and perhaps opened) before its expensive
+    part.  On success the file is flushed and committed; on any error, cancellation or interruption the
+    temporary file is removed and nothing appears.
     """
 
-    def __init__(self, path: str | os.PathLike, infos: Mapping[str, TensorInfo],
+    def __init__(self, path: str | os.PathLike | OutputFile, infos: Mapping[str, TensorInfo],
                  metadata: Mapping[str, object] | None = None, *, inputs: Iterable[str | os.PathLike] = (),
-                 overwrite: bool = False, check_space: bool = True, metadata_room: int = 0):
-        self.path = check_output_path(path, inputs, overwrite)
+                 overwrite: bool = False, check_space: bool = True, metadata_room: int = 0,
+                 suffixes: tuple[str, ...] = (".safetensors",)):
         self.infos = dict(infos)
         self.keys = list(self.infos)
         raw = self._header_json(metadata)
         raw += b" " * (metadata_room + (-(len(raw) + metadata_room) % 8))
-        offset = sum(info.nbytes for info in self.infos.values())
         self._header = struct.pack("<Q", len(raw)) + raw
-        self.size = len(self._header) + offset
-        if check_space:
-            check_free_space(self.path.parent, self.size)
+        self.size = safetensors_size(self.infos, len(raw))
+        if isinstance(path, OutputFile):
+            self.output = path
+            if check_space and path.tmp is None:
+                check_free_space(path.path.parent, self.size, path.path)
+        else:
+            self.output = OutputFile(path, inputs=inputs, overwrite=overwrite, size=self.size if check_space else 0,
+                                     suffixes=suffixes)
+        self.path = self.output.path
         self._next = 0
-        self._file = None
-        self._tmp: Path | None = None
 
     def _header_json(self, metadata: Mapping[str, object] | None) -> bytes:
         header: dict[str, object] = {}
@@ -303,18 +339,17 @@ class SafetensorsWriter:
         room = len(self._header) - 8
         if len(raw) > room:
             raise CheckpointError(f"{self.path}: new metadata needs {len(raw) - room} bytes more than reserved")
-        self._file.seek(8)
-        self._file.write(raw + b" " * (room - len(raw)))
-        self._file.seek(0, os.SEEK_END)
+        self.output.seek(8)
+        self.output.write(raw + b" " * (room - len(raw)))
+        self.output.seek(0, os.SEEK_END)
 
     def __enter__(self) -> "SafetensorsWriter":
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is an ordinary file
-        self._file = os.fdopen(fd, "wb", buffering=0)
-        self._file.write(self._header)
+        self.output.open()
+        try:
+            self.output.write(self._header)
+        except BaseException:
+            self.output.discard()
+            raise
         return self
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -327,24 +362,22 @@ class SafetensorsWriter:
                                   f"header says {info.shape} {info.dtype}")
         if info.nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            view = memoryview(data.numpy())
-            while view:  # one write() call moves at most ~2 GiB on Linux
-                view = view[self._file.write(view):]
+            self.output.write(data.numpy())
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None and self._next != len(self.keys):
-                raise CheckpointError(f"{self.path}: only {self._next} of {len(self.keys)} tensors written")
-            self._file.flush()
-            if exc_type is None:
-                os.fsync(self._file.fileno())
-            self._file.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-        finally:
-            if self._tmp is not None and self._tmp.exists():
-                self._tmp.unlink()
+        if exc_type is not None:
+            self.output.discard()
+            return
+        if self._next != len(self.keys):
+            self.output.discard()
+            raise CheckpointError(f"{self.path}: only {self._next} of {len(self.keys)} tensors written")
+        self.output.commit()
+
+
+def safetensors_size(infos: Mapping[str, TensorInfo], header_bytes: int = 64 << 10) -> int:
+    """Bytes of a safetensors file with these tensors (the header's size estimated when not given)."""
+    return 8 + header_bytes + sum(info.nbytes for info in infos.values())
 
 
 def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

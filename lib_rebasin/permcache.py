@@ -2,8 +2,8 @@
 
 The key is the sha256 of everything a matching result depends on: the inputs' sha256, the spec version, the
 matched components, the matching settings.  Files are `<models>.<key>.rebasin-perms` (safetensors inside;
-the webuis list only .safetensors/.ckpt as checkpoints), written atomically; a damaged or foreign file is
-ignored and costs only a new matching.
+the webuis list only .safetensors/.ckpt as checkpoints), written through the output guard; a damaged or
+foreign file is ignored and costs only a new matching.
 
 The folder is the caller's choice (a host's setting); `default_cache_dir()` is lib_rebasin's own cache folder.
 `trim_cache` keeps a folder under a size cap, least recently used first (a cache hit touches its file).
@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from .errors import CheckpointError, file_error
 from .matching import MatchOptions
 from .permute import check_permutations
 from .spec.core import Permutations, Spec
@@ -140,23 +140,23 @@ def _unlink(path: Path) -> int:
         return 0
 
 
-def save_cache(path: Path, key: str, sets: Sequence[Permutations], report: Mapping) -> Path | None:
-    """Write the permutation sets atomically; a cache that cannot be written only costs time later."""
-    from safetensors.torch import save_file
+def save_cache(path: Path, key: str, sets: Sequence[Permutations], report: Mapping,
+               inputs: Sequence[str | os.PathLike] = (), warnings: list[str] | None = None) -> Path | None:
+    """Write the permutation sets through the output guard: complete or not at all, never over an input.  A
+    cache file of the same name is replaced (find_cached did not accept it).  A cache that cannot be written
+    only costs time later: returns None, and says why in `warnings`."""
+    from .checkpoint import save_state_dict
     tensors = {f"{i}/{name}": p.to(torch.int32).contiguous() for i, perms in enumerate(sets)
                for name, p in perms.items()}
     metadata = {"key": key, "spec_version": SPEC_VERSION, "matching_version": MATCHING_VERSION,
                 "report": json.dumps(report, default=str)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            save_file(tensors, tmp, metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise file_error(e, path.parent, writing=True) from None
+        return save_state_dict(path, tensors, metadata, inputs=inputs, overwrite=True, suffixes=(CACHE_SUFFIX,))
+    except CheckpointError as e:
+        if warnings is not None:
+            warnings.append(f"permutation cache not written ({e})")
         return None
-    return path

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from . import merge as linear
 from .anatomy import COMPONENTS as ALL_COMPONENTS
-from .checkpoint import Checkpoint, SafetensorsWriter, check_output_path
+from .checkpoint import Checkpoint, CheckpointError, SafetensorsWriter, check_output_path
 from .matching import MatchOptions, match
 from .permcache import cache_key, cache_path, find_cached, save_cache
 from .permute import spec_for_checkpoint
@@ -283,7 +282,8 @@ def _pair_job(method: str, a, b, output, *, alpha: float, multiplier: float | No
             perms, match_report = result.perms, result.report.to_dict()
             cache_file = None
             if cache:
-                saved = save_cache(cache_path(folder, key, inputs.paths), key, [perms], match_report)
+                saved = save_cache(cache_path(folder, key, inputs.paths), key, [perms], match_report,
+                                   inputs=inputs.paths, warnings=inputs.plan.warnings)
                 cache_file = str(saved) if saved else None
         seconds["match"] = time.monotonic() - started - seconds["hash"]
 
@@ -457,7 +457,8 @@ def merge_many(models: Sequence[str | os.PathLike], output, *, seed: int = 0, co
                                             monitor=monitor.scaled(HASH_SHARE, MATCH_SHARE))
             cache_file = None
             if cache:
-                saved = save_cache(cache_path(folder, key, inputs.paths), key, sets, match_report)
+                saved = save_cache(cache_path(folder, key, inputs.paths), key, sets, match_report,
+                                   inputs=inputs.paths, warnings=inputs.plan.warnings)
                 cache_file = str(saved) if saved else None
         seconds["match"] = time.monotonic() - started - seconds["hash"]
 
@@ -505,11 +506,9 @@ def run_request(request, monitor: Monitor = SILENT) -> tuple[RebasinOutcome, str
         outcome = JOBS[request.method](*request.models, request.output, alpha=request.alpha, **common)
     if request.clamp:
         outcome.warnings.append("clamping applies to the linear merges only: not applied")
-    from .report_chart import write_chart
-    folder = Path(tempfile.gettempdir()) / "lib_rebasin-charts"
+    from .report_chart import private_chart_path, write_chart
     try:
-        folder.mkdir(exist_ok=True)
-        chart = write_chart(outcome.report, folder / f"{outcome.path.stem}.alignment.png")
-    except (OSError, ValueError):
+        chart = write_chart(outcome.report, private_chart_path(f"{outcome.path.stem}.alignment.png"), overwrite=True)
+    except (OSError, ValueError, CheckpointError):
         chart = None
     return outcome, chart

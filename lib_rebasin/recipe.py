@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import PROJECT, __version__
+from .errors import CheckpointError
+from .outputs import write_file
 
 RECIPE_KEY = "sd_merge_recipe"
 MODELS_KEY = "sd_merge_models"
@@ -72,11 +73,8 @@ def remember_sha256(path: str | os.PathLike, sha256: str) -> None:
         data[real] = {"size": size, "mtime_ns": mtime, "sha256": sha256.lower()}
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".sha256.", suffix=".tmp", dir=folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=0)
-            os.replace(tmp, folder / _CACHE_FILE)
-        except OSError:
+            write_file(folder / _CACHE_FILE, json.dumps(data, indent=0).encode(), overwrite=True)
+        except (OSError, CheckpointError):
             pass  # a cache that cannot be written only costs time
 
 

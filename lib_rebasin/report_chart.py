@@ -5,9 +5,30 @@ block, the cosine between A and B before matching and between A and P(B) after i
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import io
 import os
-from typing import Mapping
+import shutil
+import tempfile
+from typing import Iterable, Mapping
+
+from .outputs import check_output_path, write_file
+
+SUFFIXES = (".png",)
+
+
+_private_folder: list[str] = []
+
+
+def private_chart_path(name: str) -> str:
+    """A path for a chart that is only shown (the tab, the REST status): in a folder of this process's own,
+    made with mkdtemp (not a fixed name in the shared temporary folder) and removed at exit."""
+    if not _private_folder:
+        folder = tempfile.mkdtemp(prefix="lib_rebasin-charts-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _private_folder.append(folder)
+    return os.path.join(_private_folder[0], os.path.basename(name))
 
 
 def available() -> bool:
@@ -22,10 +43,14 @@ def _objectives(matching: Mapping) -> tuple[list[float], str]:
     return [v for v in values if v is not None], "sweep (0 = before matching)"
 
 
-def write_chart(report: Mapping, path: str | os.PathLike) -> str | None:
-    """Draw the chart of `report` (a re-basin result's report, or its "matching" part) into `path`.
+def write_chart(report: Mapping, path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
+                overwrite: bool = False) -> str | None:
+    """Draw the chart of `report` (a re-basin result's report, or its "matching" part) into `path`, a .png
+    file written through the output guard (never an input, never an existing file unless `overwrite`).
 
     Returns the path, or None when matplotlib is missing or the report has nothing to draw."""
+    inputs = list(inputs)
+    check_output_path(path, inputs, overwrite, suffixes=SUFFIXES)
     if not available():
         return None
     matching = report.get("matching", report)
@@ -61,5 +86,6 @@ def write_chart(report: Mapping, path: str | os.PathLike) -> str | None:
     changed = matching.get("changed_groups")
     if changed:
         figure.suptitle(f"groups changed: {changed if isinstance(changed, str) else ', '.join(changed)}")
-    figure.savefig(path, format="png")
-    return str(path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    return str(write_file(path, image.getvalue(), inputs=inputs, overwrite=overwrite, suffixes=SUFFIXES))

@@ -1,16 +1,24 @@
-"""`python -m lib_rebasin`: one subcommand per library capability."""
+"""`python -m lib_rebasin`: one subcommand per library capability.
+
+Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback: 2 for a
+refusal or a failed job (bad input, an output that must not be written, a full disk; nothing was written),
+128 + N for signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; temporary files removed).  Only this module's
+stdlib imports run before the signal handlers are in place, so even Ctrl-C while torch loads is clean.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
-from ..anatomy import ArchitectureError
-from ..checkpoint import CheckpointError
-from ..progress import Cancelled
+from ..interrupts import exit_code, stop_on_signals
 
 # Each module defines register(subparsers); a subcommand's handler is stored as its `func` default.
 COMMAND_MODULES = ("foundation", "merge", "ui", "spec", "rebasin")
+EXIT_REFUSED = 2
+_WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)}
 
 
 class UsageError(Exception):
@@ -28,13 +36,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error(message: object) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .. import outputs
+    with stop_on_signals():
+        written = outputs.committed_count()
+        try:
+            return _run(argv)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP turned into Interrupted
+            done = outputs.committed_since(written)
+            what = str(e) if str(e) else "interrupted by Ctrl-C"
+            outcome = (f"wrote {', '.join(map(str, done))} before that; nothing else was written" if done
+                       else "no output was written")
+            print(f"\n{what}: {outcome}", file=sys.stderr)
+            return exit_code(e)
+        except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a C tool would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+
+
+def _run(argv: list[str] | None) -> int:
+    from ..anatomy import ArchitectureError
+    from ..errors import CheckpointError, file_error
+    from ..progress import Cancelled
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except (CheckpointError, ArchitectureError, UsageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (Cancelled, KeyboardInterrupt):
+        error(e)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        error(file_error(e, writing=e.errno in _WRITE_ERRNOS))
+    except MemoryError:
+        error("out of memory: close other programs and try again; nothing was written")
+    except Cancelled:
         print("cancelled: no output was written", file=sys.stderr)
         return 130
+    return EXIT_REFUSED
+

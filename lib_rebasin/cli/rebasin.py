@@ -18,6 +18,10 @@ from ..anatomy import COMPONENTS
 from ..merge import COMPUTE_DTYPES, OUTPUT_DTYPES, SOURCES
 from ..progress import SILENT
 from ..report import format_report
+from ..errors import CheckpointError
+from ..outputs import check_output_path, write_file
+from ..report_chart import SUFFIXES as chart_suffixes
+from ..report_chart import available as chart_available
 from ..report_chart import write_chart
 from . import UsageError
 from .common import print_json, progress_bar
@@ -90,6 +94,9 @@ def run(args) -> int:
         request = jobs.MergeRequest(args.job, [str(m) for m in models], "", multiplier=getattr(args, "multiplier", 2.0),
                                     alpha=getattr(args, "alpha", 0.5), seed=args.seed)
         output = os.path.join(os.path.dirname(os.path.abspath(models[0])), jobs.default_output_name(request))
+    inputs = [str(m) for m in models] + ([args.vae] if args.vae else [])
+    check_output_path(output, inputs, args.overwrite)
+    side_files = _check_side_files(args, output, inputs)
     options = dict(seed=args.seed, components=parse_components(args.components), vae=args.vae, dtype=args.dtype,
                    compute=args.compute, device=args.device, overwrite=args.overwrite,
                    allow_nonfinite=args.allow_nonfinite, cache=not args.no_cache, cache_dir=args.cache_dir,
@@ -104,11 +111,13 @@ def run(args) -> int:
         outcome = job(models, output, monitor=monitor, **options) if args.job == "merge-many" else \
             job(*models, output, monitor=monitor, **options)
     report = dict(outcome.report, seconds=outcome.seconds)
-    if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=str)
-    if args.chart and write_chart(report, args.chart) is None:
-        print("note: no chart drawn (matplotlib is not installed)", file=sys.stderr)
+    try:
+        if args.report:
+            write_file(args.report, json.dumps(report, indent=2, default=str).encode(), **side_files)
+        if args.chart and write_chart(report, args.chart, **side_files) is None:
+            print("note: no chart drawn (the report has nothing to draw)", file=sys.stderr)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (the merge itself was written: {outcome.path})") from None
     if args.json:
         print_json({"path": str(outcome.path), "bytes": outcome.bytes, "seconds": outcome.seconds,
                     "warnings": outcome.warnings, "report": report})
@@ -121,6 +130,26 @@ def run(args) -> int:
         print(f"wrote {outcome.bytes / 2**30:.2f} GiB in {outcome.seconds['total']:.1f} s:")
     print(outcome.path)
     return 0
+
+
+def _check_side_files(args, output: str, inputs: list[str]) -> dict:
+    """Refuse a bad --report / --chart before any work: never an input or the output, never each other, never
+    an existing file without --overwrite.  Returns the guard's options for writing them."""
+    seen = {_identity(output): "the output"}
+    for flag, path, suffixes in (("--report", args.report, None), ("--chart", args.chart, chart_suffixes)):
+        if not path:
+            continue
+        check_output_path(path, [*inputs, output], args.overwrite, suffixes=suffixes)
+        if _identity(path) in seen:
+            raise UsageError(f"{flag} {path}: the same file as {seen[_identity(path)]}: choose another name")
+        seen[_identity(path)] = flag
+    if args.chart and not chart_available():
+        raise UsageError("--chart needs matplotlib: pip install matplotlib (or leave out --chart)")
+    return {"inputs": inputs, "overwrite": args.overwrite}
+
+
+def _identity(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
 
 
 def summary(report: dict) -> str:
