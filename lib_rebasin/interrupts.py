@@ -15,8 +15,6 @@ import signal
 import threading
 from typing import Iterator
 
-from .outputs import remove_live_temps
-
 HANDLED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
 _NAMES = {"SIGINT": "Ctrl-C", "SIGHUP": "SIGHUP (the terminal was closed)", "SIGBREAK": "Ctrl-Break"}
 
@@ -39,6 +37,26 @@ def exit_code(error: BaseException) -> int:
     return error.exit_code if isinstance(error, Interrupted) else 128 + signal.SIGINT
 
 
+_critical: list[None] = []
+_pending: list[int] = []
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A step that must not be cut in two (committing a file: the caller must learn whether it happened): a
+    first stop signal arriving meanwhile is raised when the step is over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _critical.append(None)
+    try:
+        yield
+    finally:
+        _critical.pop()
+        if not _critical and _pending:
+            raise Interrupted(_pending.pop())
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -49,7 +67,11 @@ def stop_on_signals() -> Iterator[None]:
     def handle(signum, frame):
         received.append(signum)
         if len(received) == 1:
+            if _critical:
+                _pending.append(signum)
+                return
             raise Interrupted(signum)
+        from .outputs import remove_live_temps
         remove_live_temps()
         try:
             os.write(2, b"\nstopped at once (second signal); temporary files removed\n")
@@ -74,4 +96,4 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(number, handler)
 
 
-__all__ = ["Interrupted", "stop_on_signals", "exit_code", "HANDLED"]
+__all__ = ["Interrupted", "stop_on_signals", "deferred", "exit_code", "HANDLED"]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import OutputError, file_error
+from .interrupts import deferred
 
 TEMP_SUFFIX = ".rebasin-tmp"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -420,10 +421,15 @@ class OutputFile:
             if source is not None:
                 raise OutputError(f"{self.path}: is now an input of this job ({source}): not replaced")
             try:
-                if self.overwrite:
-                    os.replace(self.tmp, self.path)
-                else:
-                    _commit_new(self.tmp, self.path)
+                with deferred():  # a signal must not fall between the rename and knowing it happened
+                    if self.overwrite:
+                        os.replace(self.tmp, self.path)
+                    else:
+                        _commit_new(self.tmp, self.path)
+                    self.committed = True
+                    _committed.append(self.path)
+                    with _live_lock:
+                        _live.discard(str(self.tmp))
             except FileExistsError:
                 raise OutputError(f"{self.path}: appeared while this job ran (another job wrote it?): not replaced, "
                                   f"this result was discarded; choose another name, or allow overwriting") from None
@@ -432,13 +438,9 @@ class OutputFile:
                     raise OutputError(f"{self.path}: its temporary file {self.tmp.name} was removed by another "
                                       f"program while this job ran; nothing was written") from None
                 raise file_error(e, self.path, writing=True) from None
-            self.committed = True
-            _committed.append(self.path)
         finally:
             if not self.committed:
                 self.discard()
-        with _live_lock:
-            _live.discard(str(self.tmp))
         _sync_folder(self.path.parent)
         return self.path
 

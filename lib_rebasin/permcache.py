@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import CheckpointError, file_error
+from .errors import CheckpointError, OutputError, file_error
 from .matching import MatchOptions
 from .permute import check_permutations
 from .spec.core import Permutations, Spec
@@ -151,6 +151,8 @@ def save_cache(path: Path, key: str, sets: Sequence[Permutations], report: Mappi
     metadata = {"key": key, "spec_version": SPEC_VERSION, "matching_version": MATCHING_VERSION,
                 "report": json.dumps(report, default=str)}
     try:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise OutputError(f"{path.parent}: not a folder, so no cache can go there")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -29,8 +29,9 @@ import torch
 
 from . import merge as linear
 from .anatomy import COMPONENTS as ALL_COMPONENTS
-from .checkpoint import Checkpoint, CheckpointError, SafetensorsWriter, check_output_path
+from .checkpoint import Checkpoint, CheckpointError, SafetensorsWriter, check_output_path, safetensors_size
 from .matching import MatchOptions, match
+from .outputs import OutputFile
 from .permcache import cache_key, cache_path, find_cached, save_cache
 from .permute import spec_for_checkpoint
 from .progress import SILENT, Monitor
@@ -142,6 +143,7 @@ class _Inputs:
     spec: Spec
     vae: Checkpoint | None
     output: Path
+    output_file: OutputFile               # opened before hashing and matching: the folder is writable
     device: torch.device
 
 
@@ -174,7 +176,10 @@ def _open(stack: contextlib.ExitStack, models: Sequence[str | os.PathLike], outp
     if not matched:
         raise linear.MergeError("nothing to re-basin: merge at least one of UNet, CLIP-L, CLIP-G")
     spec = spec_for_checkpoint(checkpoints[0], matched)
-    return _Inputs(paths, checkpoints, plan, sources, matched, spec, vae_ckpt, output, torch_device)
+    # Every check of the output (free space, file size limit, a writable folder) before hashing and matching.
+    output_file = stack.enter_context(OutputFile(output, inputs=[*paths, *([vae] if vae else [])],
+                                                 overwrite=overwrite, size=safetensors_size(plan.infos)))
+    return _Inputs(paths, checkpoints, plan, sources, matched, spec, vae_ckpt, output, output_file, torch_device)
 
 
 def _hashes(paths: Sequence[str], vae: str | None, monitor: Monitor) -> dict[str, str]:
@@ -208,7 +213,7 @@ def _write(inputs: _Inputs, output: Path, readers: Mapping[str, object], roles: 
     vae_parent = Parent("VAE", str(inputs.vae.path), inputs.vae.metadata) if inputs.vae else None
     metadata = merge_metadata(parents, hashes, recipe, title=output.stem, vae=vae_parent)
     all_inputs = [*inputs.paths, *([str(inputs.vae.path)] if inputs.vae else [])]
-    writer = SafetensorsWriter(output, inputs.plan.infos, metadata, inputs=all_inputs, overwrite=overwrite)
+    writer = SafetensorsWriter(inputs.output_file, inputs.plan.infos, metadata, inputs=all_inputs, overwrite=overwrite)
     all_readers = {**readers, **({"vae": inputs.vae} if inputs.vae else {})}
 
     def written(item: Item, results: list[TensorStats]) -> None:

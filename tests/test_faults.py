@@ -631,6 +631,27 @@ def test_output_too_big_for_a_fat32_disk_is_refused_before_any_work(capsys, mode
     models.check()
 
 
+def test_rebasin_checks_its_output_before_hashing_and_matching(capsys, models, monkeypatch):
+    import lib_rebasin.rebasin as rebasin
+
+    def never(*args, **kwargs):
+        raise AssertionError("expensive work ran before the output's checks")
+    monkeypatch.setattr(rebasin, "_hashes", never)
+    monkeypatch.setattr(rebasin, "match", never)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    for command in (["rebasin", models.a, models.b], ["merge-many", models.a, models.b]):
+        code, _, err = cli(capsys, *command, "-o", models.dir / "out.safetensors", "-q")
+        assert code == 2
+        assert "out.safetensors: not enough free disk space" in one_line_error(err)
+    monkeypatch.undo()
+    monkeypatch.setattr(rebasin, "_hashes", never)
+    monkeypatch.setattr(outputs, "FAT_FILE_LIMIT", 1 << 20)
+    monkeypatch.setattr(outputs, "file_system_type", lambda folder: "vfat")
+    code, _, err = cli(capsys, "amp-rebasin", models.a, models.b, "-o", models.dir / "out.safetensors", "-q")
+    assert code == 2 and "FAT file system (vfat)" in one_line_error(err)
+    models.check()  # no permutation cache either
+
+
 def test_file_system_type_is_read_from_the_mount_table(tmp_path):
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/mounts")
