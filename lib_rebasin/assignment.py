@@ -140,7 +140,8 @@ def screen(cost: torch.Tensor, layout: Layout, bound: ErrorBound | None = None) 
         sub = cost if len(positions) == layout.size else cost[positions][:, positions]
         top = sub.topk(2, dim=1)
         first, second, best = top.values[:, 0], top.values[:, 1], top.indices[:, 0]
-        if bound is not None:
+        if bound is not None:  # in float64, so that the comparison adds no rounding of its own
+            first, second = first.double(), second.double()
             rows, cols = bound.rows[positions].to(first.dtype), bound.cols[positions].to(first.dtype)
             first = first - bound.eps * rows * cols[best]
             second = second + bound.eps * rows * cols.max()
@@ -154,6 +155,32 @@ def screen(cost: torch.Tensor, layout: Layout, bound: ErrorBound | None = None) 
 def permutation_value(cost: torch.Tensor, perm: torch.Tensor) -> float:
     rows = torch.arange(len(perm), device=cost.device)
     return float(cost[rows, perm.to(cost.device)].double().sum())
+
+
+def certified_gain(cost: torch.Tensor, bound: ErrorBound | None, current: torch.Tensor,
+                   candidate: torch.Tensor) -> float:
+    """A lower bound of how much `candidate` gains over `current` under the exact cost (only the rows that
+    move count: the others cancel exactly)."""
+    moved = (candidate != current).nonzero().reshape(-1)
+    if not len(moved):
+        return 0.0
+    new, old = candidate[moved], current[moved]
+    d = cost.device
+    gain = cost[moved.to(d), new.to(d)].double() - cost[moved.to(d), old.to(d)].double()
+    if bound is not None:
+        rows = bound.rows.double()[moved.to(bound.rows.device)]
+        cols = bound.cols.double()
+        slack = bound.eps * rows * (cols[new.to(cols.device)] + cols[old.to(cols.device)])
+        gain = gain - slack.to(gain.device)
+    return float(gain.sum())
+
+
+def scale_bound(cost: torch.Tensor, bound: ErrorBound | None) -> float:
+    """An upper bound of `Σ_i max_j |C_ij|` of the exact cost (the scale of matching's relative tolerance)."""
+    scale = float(cost.abs().amax(1).double().sum())
+    if bound is not None:
+        scale += bound.eps * float((bound.rows.double() * bound.cols.double().max()).sum())
+    return scale
 
 
 # --- exact solve ---------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ big allocations page-fault every time); the products read them through transpose
 allows.  Matching calls this from several worker threads while torch runs single-threaded.
 
 `Partial` sums the contributions of a group.  Products run in float32, or in a low-precision dtype
-(bfloat16) with an error bound: `|computed − exact| ≤ eps · ‖a_i‖·‖b_j‖` entrywise, from the float32 norms
-of the bound rows, so that an approximate cost can still prove an optimum (`assignment.screen`).
+(bfloat16), always with an error bound: `|computed − exact| ≤ eps · ‖a_i‖·‖b_j‖` entrywise, from the float32
+norms of the bound rows, so that a computed cost can prove an optimum (`assignment.screen`) and a gain
+(`assignment.certified_gain`).  The bound is the one of the arithmetic the device performs
+(`precision.Arithmetic`, measured), and every product it covers goes through that arithmetic's `matmul`.
 """
 from __future__ import annotations
 
@@ -20,24 +22,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .assignment import ErrorBound
+from .precision import FP32_UNIT, Arithmetic, Matmul, measure
 from .spec.core import Binding
 
-BF16_UNIT = 2.0 ** -8         # unit roundoff of bfloat16 (8 significant bits)
-FP32_UNIT = 2.0 ** -24
 PIECE_ELEMENTS = 1 << 23      # tensors are converted and multiplied in pieces of at most this many elements
 NARROW_ROWS = 64              # bindings with rows this short (biases, norms) share one product per window
 LOW_PRECISION_WORK = 1 << 22  # multiply-adds below which a low-precision product is not worth its overhead
-
-
-def product_error(dtype: torch.dtype, depth: int) -> float:
-    """eps with |computed − exact| ≤ eps · Σ_k |a_k·b_k| for a product of rows of length `depth`.
-
-    Inputs rounded to `dtype` (2u), the result rounded to `dtype` (u), accumulation in float32 (bfloat16
-    products on the CPU accumulate in float32; on CUDA `matching.match` disables reduced-precision reductions).
-    """
-    unit = BF16_UNIT if dtype == torch.bfloat16 else 0.0
-    accumulate = depth * FP32_UNIT / (1 - depth * FP32_UNIT)
-    return 3 * unit + 2 * unit * unit + accumulate * (1 + unit) ** 3
 
 
 _workspace = threading.local()
@@ -55,14 +45,14 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buffer[:numel].view(shape)
 
 
-def _add_squared_norms(part: torch.Tensor, axis: int, norms: torch.Tensor) -> None:
+def _add_squared_norms(part: torch.Tensor, axis: int, norms: torch.Tensor, matmul: Matmul) -> None:
     """norms[i] += Σ part[..., i, ...]² over everything but `axis` (float32 sums, float64 accumulators)."""
     if axis == 0:
         norms += torch.linalg.vector_norm(part.reshape(len(part), -1), dim=1).double() ** 2
     else:  # column sums as one matrix-vector product (a strided reduction is slow)
         squares = part.square().reshape(part.shape[0], -1)
         ones = torch.ones(1, part.shape[0], dtype=part.dtype, device=part.device)
-        norms += (ones @ squares).reshape(part.shape[1], -1).sum(1).double()
+        norms += matmul(ones, squares).reshape(part.shape[1], -1).sum(1).double()
 
 
 def pieces(window: torch.Tensor, axis: int) -> list[torch.Tensor]:
@@ -79,7 +69,7 @@ def pieces(window: torch.Tensor, axis: int) -> list[torch.Tensor]:
 
 
 def convert(piece: torch.Tensor, axis: int, dtype: torch.dtype, norms: torch.Tensor | None, slot: str,
-            keep: bool = False) -> torch.Tensor:
+            keep: bool = False, matmul: Matmul = torch.matmul) -> torch.Tensor:
     """A piece of a window as (width, depth) rows in `dtype` (a transposed view where the layout allows),
     converted through float32 in per-thread buffers (`keep`: in fresh memory, to outlive the next call);
     with `norms`, adds the squared float32 norms of the bound positions into it.  `axis` is 0 or 1."""
@@ -87,7 +77,7 @@ def convert(piece: torch.Tensor, axis: int, dtype: torch.dtype, norms: torch.Ten
     x32 = scratch(slot + ".f32", tuple(piece.shape), torch.float32, device)
     x32.copy_(piece)
     if norms is not None:
-        _add_squared_norms(x32, axis, norms)
+        _add_squared_norms(x32, axis, norms, matmul)
     if keep:
         x = x32.to(dtype, copy=True)
     elif dtype == torch.float32:
@@ -136,12 +126,14 @@ class Partial:
     them every decision) are the same from run to run."""
     size: int
     device: torch.device
-    low: torch.dtype | None        # dtype of big products; None: float32 only (the cost is taken as exact)
+    low: torch.dtype | None        # dtype of big products; None: float32 only
+    arithmetic: Arithmetic | None = None   # the device's, as measured (None: measured here)
     cost: torch.Tensor = field(init=False)
     norm_a: torch.Tensor = field(init=False)
     norm_b: torch.Tensor = field(init=False)
     narrow: dict = field(default_factory=lambda: defaultdict(list))
     eps: float = 0.0
+    depth: int = 1                 # longest row a norm was summed over
     terms: int = 0
     tickets: int = 0               # handed out
     applied: int = 0               # summed in
@@ -149,6 +141,8 @@ class Partial:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
+        if self.arithmetic is None:
+            self.arithmetic = measure(self.device)
         self.cost = torch.zeros(self.size, self.size, device=self.device)
         self.norm_a = torch.zeros(self.size, device=self.device, dtype=torch.float64)
         self.norm_b = torch.zeros(self.size, device=self.device, dtype=torch.float64)
@@ -164,7 +158,8 @@ class Partial:
 
     def add(self, a: torch.Tensor, b: torch.Tensor, bindings: list[Binding], ticket: int) -> None:
         """Add the contributions of one tensor (A's, and B's with the other groups' permutations applied)."""
-        bounded = self.low is not None
+        arithmetic = self.arithmetic
+        matmul = arithmetic.matmul
         contributions = []  # (kind, positions, payload, error factor of a product)
         for bind in bindings:
             wa, wb = window(a, bind), window(b, bind)
@@ -173,32 +168,32 @@ class Partial:
                 wa, wb = wa.movedim(bind.axis, 1), wb.movedim(bind.axis, 1)
             depth = wa.numel() // bind.width if bind.width else 0
             narrow = depth <= NARROW_ROWS
-            low = bounded and not narrow and bind.width * bind.width * depth >= LOW_PRECISION_WORK
+            low = self.low is not None and not narrow and bind.width * bind.width * depth >= LOW_PRECISION_WORK
             dtype = self.low if low else torch.float32
             positions = slice(bind.group_offset, bind.group_offset + bind.width)
-            norms_a = torch.zeros(bind.width, dtype=torch.float64, device=self.device) if bounded else None
-            norms_b = torch.zeros(bind.width, dtype=torch.float64, device=self.device) if bounded else None
+            norms_a = torch.zeros(bind.width, dtype=torch.float64, device=self.device)
+            norms_b = torch.zeros(bind.width, dtype=torch.float64, device=self.device)
             if narrow:  # biases, norms, thin convs: one product per window in finish()
-                rows = (convert(wa, axis, torch.float32, norms_a, "a", keep=True),
-                        convert(wb, axis, torch.float32, norms_b, "b", keep=True))
+                rows = (convert(wa, axis, torch.float32, norms_a, "a", keep=True, matmul=matmul),
+                        convert(wb, axis, torch.float32, norms_b, "b", keep=True, matmul=matmul))
                 contributions.append(("narrow", positions, rows, 0.0))
             else:
                 product = None
                 parts = list(zip(pieces(wa, axis), pieces(wb, axis)))
                 for piece_a, piece_b in parts:
-                    rows_a = convert(piece_a, axis, dtype, norms_a, "a")
-                    rows_b = convert(piece_b, axis, dtype, norms_b, "b")
+                    rows_a = convert(piece_a, axis, dtype, norms_a, "a", matmul=matmul)
+                    rows_b = convert(piece_b, axis, dtype, norms_b, "b", matmul=matmul)
                     if len(parts) == 1:  # the common case: straight into a reused buffer
                         product = scratch(f"product{len(contributions)}", (bind.width, bind.width), dtype, self.device)
-                        torch.matmul(rows_a, rows_b.T, out=product)
+                        matmul(rows_a, rows_b.T, out=product)
                     elif product is None:
-                        product = (rows_a @ rows_b.T).float()
+                        product = matmul(rows_a, rows_b.T).float()
                     else:
-                        product += rows_a @ rows_b.T
+                        product += matmul(rows_a, rows_b.T)
                 # pieces beyond the first add one float32 rounding each
                 contributions.append(("product", positions, product,
-                                      product_error(dtype, depth) + (len(parts) - 1) * FP32_UNIT))
-            contributions.append(("norms", positions, (norms_a, norms_b), 0.0))
+                                      arithmetic.product_error(dtype, depth) + (len(parts) - 1) * FP32_UNIT))
+            contributions.append(("norms", positions, (norms_a, norms_b, depth), 0.0))
         with self.lock:
             if ticket == self.applied:  # our turn: sum straight from the buffers
                 self._apply(contributions)
@@ -218,22 +213,24 @@ class Partial:
                 self.cost[positions, positions] += payload
                 self.terms += 1
                 self.eps = max(self.eps, eps)
-            elif payload[0] is not None:
+            else:
                 self.norm_a[positions] += payload[0]
                 self.norm_b[positions] += payload[1]
+                self.depth = max(self.depth, payload[2])
 
-    def finish(self) -> tuple[torch.Tensor, ErrorBound | None]:
-        """The cost, and its error bound (None for a float32-only cost, taken as exact)."""
+    def finish(self) -> tuple[torch.Tensor, ErrorBound]:
+        """The cost, and its error bound for the arithmetic performed."""
         if self.applied != self.tickets:
             raise RuntimeError(f"cost finished with {self.tickets - self.applied} tensors missing")
+        matmul = self.arithmetic.matmul
         for (offset, width), pairs in self.narrow.items():
             rows_a = torch.cat([p[0] for p in pairs], dim=1)
             rows_b = torch.cat([p[1] for p in pairs], dim=1)
-            self.cost[offset:offset + width, offset:offset + width] += rows_a @ rows_b.T
-            self.eps = max(self.eps, product_error(torch.float32, rows_a.shape[1]))
+            self.cost[offset:offset + width, offset:offset + width] += matmul(rows_a, rows_b.T)
+            self.terms += 1
+            self.eps = max(self.eps, self.arithmetic.product_error(torch.float32, rows_a.shape[1]))
         self.narrow.clear()
-        if self.low is None:
-            return self.cost, None
-        # one float32 rounding per term summed into the cost, and slack for the norms' own rounding
-        eps = (self.eps + 4 * FP32_UNIT * max(self.terms, 1)) * 1.01
+        # one float32 rounding per term summed into the cost (each at most 1 + eps times the bound's scale),
+        # and the norms' own rounding: the bound uses computed norms for exact ones
+        eps = (self.eps + 2 * FP32_UNIT * max(self.terms, 1)) * (1 + self.eps) * self.arithmetic.norm_slack(self.depth)
         return self.cost, ErrorBound(eps, self.norm_a.sqrt(), self.norm_b.sqrt())

@@ -28,7 +28,7 @@ from typing import Mapping, Protocol
 
 import torch
 
-from . import assignment
+from . import assignment, precision
 from .costs import Partial, inner_product, inner_products
 from .progress import SILENT, Monitor
 from .spec.core import Binding, Group, Permutations, Spec, identity, is_identity
@@ -101,6 +101,7 @@ class MatchReport:
     device: str
     screen_dtype: str | None
     seed: int
+    float32_product_bits: int = precision.FP32_FRACTION_BITS  # fraction bits float32 products kept (23: IEEE)
 
     @property
     def solver_skipped(self) -> int:
@@ -204,30 +205,16 @@ def _permuted(plan: _Plan, key: str, tensor: torch.Tensor, perms: Permutations, 
     return tensor
 
 
-def _screen_dtype(option: str, device: torch.device) -> torch.dtype | None:
-    """bfloat16 when its products are faster than float32 on this device (measured once), else None."""
-    if option == "off":
-        return None
-    if option == "on" or device.type == "cuda":
-        return torch.bfloat16
-    key = str(device)
-    if key not in _SCREEN_PROBE:
-        x = torch.randn(512, 512, device=device)
-        timings = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            y = x.to(dtype)
-            y @ y
-            runs = []
-            for _ in range(5):
-                start = time.perf_counter()
-                y @ y
-                runs.append(time.perf_counter() - start)
-            timings[dtype] = min(runs)
-        _SCREEN_PROBE[key] = timings[torch.bfloat16] < 0.7 * timings[torch.float32]
-    return torch.bfloat16 if _SCREEN_PROBE[key] else None
+def _screen_dtype(options: MatchOptions, arithmetic: precision.Arithmetic) -> torch.dtype | None:
+    return precision.screen_dtype(options.screen, arithmetic)
 
 
-_SCREEN_PROBE: dict[str, bool] = {}
+def screening(options: MatchOptions) -> str | None:
+    """The dtype of the screening products `match` will use with these options on their device ('bfloat16'),
+    or None (float32 costs only)."""
+    with precision.ieee_products():
+        dtype = _screen_dtype(options, precision.measure(torch.device(options.device)))
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 class _Matcher:
@@ -238,6 +225,7 @@ class _Matcher:
         self.initial = {k: v.clone() for k, v in perms.items()}
         self.device = torch.device(options.device)
         self.screen_dtype: torch.dtype | None = None      # set by match() once the threads are set up
+        self.arithmetic: precision.Arithmetic | None = None  # measured by match() with IEEE products asked for
         self.seconds: dict[str, float] = defaultdict(float)
         self.terms: dict[str, float] = {}                 # key -> ⟨A_k, P(B)_k⟩ under the current perms
         self.first: dict[str, tuple[float, float, float]] = {}  # key -> (‖A‖², ‖B‖², ⟨A, P_init(B)⟩)
@@ -296,7 +284,8 @@ class _Matcher:
 
     # -- one group ---------------------------------------------------------------------------------------------
     def _partial(self, name: str, exact: bool) -> Partial:
-        return Partial(self.plan.groups[name].size, self.device, None if exact else self.screen_dtype)
+        return Partial(self.plan.groups[name].size, self.device, None if exact else self.screen_dtype,
+                       self.arithmetic)
 
     def _cost(self, name: str, exact: bool) -> tuple[torch.Tensor, assignment.ErrorBound | None]:
         start = time.perf_counter()
@@ -328,27 +317,27 @@ class _Matcher:
             if proven is not None and torch.equal(proven, current):
                 self.count.needed += layout.naive_calls
                 return False, True
-            if proven is not None:
-                d = self.device
-                rows = torch.arange(layout.size, device=d)
-                moved = (proven != current).to(d)
-                new, old = proven.to(d), current.to(d)
-                gain_low = ((cost[rows, new] - bound.at(rows, new)) - (cost[rows, old] + bound.at(rows, old)))[moved]
-                if float(gain_low.double().sum()) > self.options.rtol * float(cost.abs().amax(1).double().sum()):
-                    self.count.needed += layout.naive_calls
-                    self._accept(name, proven)
-                    return True, True
+            if proven is not None and self._improves(cost, bound, current, proven):
+                self.count.needed += layout.naive_calls
+                self._accept(name, proven)
+                return True, True
         self.undecided.discard(name)
-        cost, _ = self._cost(name, exact=True)
+        cost, bound = self._cost(name, exact=True)
         start = time.perf_counter()
         candidate = assignment.solve(cost, layout, current, self.count)
-        gain = assignment.permutation_value(cost, candidate) - assignment.permutation_value(cost, current)
-        scale = float(cost.abs().amax(1).double().sum())
+        improves = not torch.equal(candidate, current) and self._improves(cost, bound, current, candidate)
         self.seconds["solve"] += time.perf_counter() - start
-        if torch.equal(candidate, current) or gain <= self.options.rtol * scale:
+        if not improves:
             return False, False
         self._accept(name, candidate)
         return True, False
+
+    def _improves(self, cost: torch.Tensor, bound: assignment.ErrorBound, current: torch.Tensor,
+                  candidate: torch.Tensor) -> bool:
+        """The acceptance test: `candidate` gains more than rtol × the cost's scale under the exact cost, whatever
+        the rounding of the computed one (so that every accepted change raises the exact objective)."""
+        return (assignment.certified_gain(cost, bound, current, candidate)
+                > self.options.rtol * assignment.scale_bound(cost, bound))
 
     def _accept(self, name: str, perm: torch.Tensor) -> None:
         self.perms[name] = perm
@@ -482,7 +471,7 @@ class _Matcher:
             seconds={k: round(v, 3) for k, v in self.seconds.items()},
             blocks=self.block_alignment(), device=str(self.device),
             screen_dtype=str(self.screen_dtype).removeprefix("torch.") if self.screen_dtype else None,
-            seed=options.seed)
+            seed=options.seed, float32_product_bits=self.arithmetic.float32_fraction_bits)
 
     def objective(self) -> float:
         return sum(self.terms[key] for key in self.plan.by_key if key in self.terms)  # a fixed order: same sums
@@ -525,33 +514,29 @@ def match(spec: Spec, a, b, options: MatchOptions = MatchOptions(), *, init: Per
         if not plan.layouts[name].is_valid(perm):
             raise ValueError(f"initial permutation of group {name} is not valid for its structure")
     matcher = _Matcher(plan, a, b, perms, options, monitor)
-    if matcher.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"matching runs on cpu or cuda, not {options.device!r}")
     cpu = matcher.device.type == "cpu"
     threads = torch.get_num_threads()
     matcher.workers = max(1, options.workers or threads) if cpu else 1
-    saved = None if cpu else (torch.backends.cuda.matmul.allow_tf32,
-                              torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
     try:
         if cpu:  # parallel over tensors, one thread per op: no intra-op hand-offs, which stall a busy machine
             torch.set_num_threads(1)
-        else:    # TF32 is fine for exact costs; the bfloat16 error bound needs float32 accumulation
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-        matcher.screen_dtype = _screen_dtype(options.screen, matcher.device)
-        with torch.no_grad(), ThreadPoolExecutor(matcher.workers, thread_name_prefix="lib_rebasin-match") as pool:
-            matcher.pool = pool
-            try:
-                report = matcher.run()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        # the error bounds are those of the arithmetic performed: ask for IEEE products, measure what we get
+        with precision.ieee_products(), torch.no_grad():
+            matcher.arithmetic = precision.measure(matcher.device)
+            if not matcher.arithmetic.usable:
+                raise ValueError(f"{matcher.device} keeps only {matcher.arithmetic.float32_fraction_bits} fraction "
+                                 f"bits of float32 inputs in its products: too few for exact costs")
+            matcher.screen_dtype = _screen_dtype(options, matcher.arithmetic)
+            with ThreadPoolExecutor(matcher.workers, thread_name_prefix="lib_rebasin-match") as pool:
+                matcher.pool = pool
+                try:
+                    report = matcher.run()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     finally:
         if cpu:
             torch.set_num_threads(threads)
-        else:
-            (torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction) = saved
     monitor.report(1.0, "matching done")
     perms = {k: matcher.perms[k].cpu() if k in matcher.perms else init[k].clone().long() for k in full_spec.groups}
     return MatchResult(perms, report)

@@ -21,21 +21,23 @@ from typing import Mapping, Sequence
 import torch
 
 from .errors import CheckpointError, OutputError, file_error
-from .matching import MatchOptions
+from .matching import MatchOptions, screening
 from .permute import check_permutations
 from .spec.core import Permutations, Spec
 from .spec.sdxl import SPEC_VERSION
 
-MATCHING_VERSION = "1"       # bump when matching would give other permutations for the same inputs and settings
+MATCHING_VERSION = "2"       # bump when matching would give other permutations for the same inputs and settings
 CACHE_SUFFIX = ".rebasin-perms"
 
 
 def cache_key(kind: str, hashes: Sequence[str], components: Sequence[str], options: MatchOptions,
               extra: Mapping[str, object] | None = None) -> str:
-    """sha256 of everything a matching result depends on (not the device: results agree up to ties)."""
+    """sha256 of everything a matching result depends on, the kind of device and the screening products
+    included: decisions within their error bounds of a tie may differ between arithmetics."""
     payload = {"kind": kind, "inputs": list(hashes), "spec": SPEC_VERSION, "matching": MATCHING_VERSION,
                "components": sorted(components), "seed": options.seed, "max_sweeps": options.max_sweeps,
-               "rtol": options.rtol, **(extra or {})}
+               "rtol": options.rtol, "device": torch.device(options.device).type, "screening": screening(options),
+               **(extra or {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
