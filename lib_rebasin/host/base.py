@@ -13,7 +13,6 @@ import contextlib
 import functools
 import html
 import os
-import re
 import threading
 import traceback
 from abc import ABC, abstractmethod
@@ -139,12 +138,8 @@ class Host(ABC):
         """The device the host computes on ('cpu', 'cuda', 'cuda:1', ...)."""
 
     def device_choices(self) -> list[str]:
-        import torch
-        choices = ["cpu"]
-        if torch.cuda.is_available():
-            choices.append("cuda")
-            if torch.cuda.device_count() > 1:
-                choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        from .. import devices
+        choices = devices.choices()
         default = self.default_device()
         if default not in choices:
             choices.append(default)
@@ -154,15 +149,16 @@ class Host(ABC):
         return Settings()
 
     def resolve_device(self, choice: str | None) -> str:
-        """A device choice from the UI or API ('' / 'default' = the settings' device, else the host's)."""
+        """A device choice from the UI or API ('' / 'default' = the settings' device, else the host's): any
+        device the webuis run on.  Whether it is there, and whether each part of a job runs on it, the job
+        finds out before it reads anything big (`devices.require`, `devices.place`)."""
+        from .. import devices
         choice = (choice or "").strip()
         if choice in ("", "default"):
             choice = self.settings().device.strip()
         if choice in ("", "default"):
             choice = self.default_device()
-        if choice != "cpu" and not re.fullmatch(r"cuda(:\d+)?", choice):
-            raise ValueError(f"unknown device {choice!r}: use cpu or cuda")
-        return choice
+        return str(devices.parse(choice))
 
     def permutation_cache_dir(self) -> str:
         """Where re-basin permutations are cached: the setting, else the host's default folder (never the

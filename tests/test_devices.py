@@ -1,0 +1,151 @@
+"""Every device the webuis run on, on a machine that has none of them: stand-in availability (monkeypatched
+torch), a stand-in DirectML module, and the webui's own `devices` module (tests/webui_stubs) naming mps or xpu.
+
+What must hold: a name is a device or a clear error; a device the machine lacks is a clear error before a job
+reads anything; the tab's host takes whatever device the webui runs on; a kind of work that does not run on a
+device runs on the CPU with a note saying so.
+"""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_rebasin import devices
+
+STUBS = Path(__file__).resolve().parent / "webui_stubs"
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts(monkeypatch):
+    monkeypatch.setattr(devices, "_VERDICTS", {})
+
+
+def fake_cuda(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def fake_directml(monkeypatch, count: int) -> None:
+    module = types.ModuleType("torch_directml")
+    module.is_available = lambda: count > 0
+    module.device_count = lambda: count
+    module.device = lambda index=0: torch.device("privateuseone", index)
+    monkeypatch.setitem(sys.modules, "torch_directml", module)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("cpu", "cpu"), ("cuda", "cuda"), (" CUDA:1 ", "cuda:1"), ("mps", "mps"), ("xpu:0", "xpu:0"),
+    ("dml", "privateuseone:0"), ("DirectML", "privateuseone:0"), ("privateuseone:1", "privateuseone:1"),
+])
+def test_names_of_the_webuis_devices(name, expected):
+    assert str(devices.parse(name)) == expected
+
+
+@pytest.mark.parametrize("name", ["", "tpu", "cuda:x", "cpu:1", "meta", "gpu0"])
+def test_a_name_that_is_no_device_is_a_clear_error(name):
+    with pytest.raises(devices.DeviceError, match="unknown device .* use cpu, cuda"):
+        devices.parse(name)
+
+
+def test_devices_this_machine_lacks_are_clear_errors(monkeypatch):
+    fake_cuda(monkeypatch, 0)
+    monkeypatch.setitem(sys.modules, "torch_directml", None)  # import fails
+    for name, reason in (("cuda", "torch sees no CUDA device"), ("mps", "no Apple GPU"),
+                         ("xpu", "no Intel GPU"), ("dml", "torch_directml is not installed")):
+        with pytest.raises(devices.DeviceError, match=f"is not available here: .*{reason}"):
+            devices.require(name)
+    fake_cuda(monkeypatch, 2)
+    assert devices.require("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(devices.DeviceError, match="only 2 cuda devices"):
+        devices.require("cuda:2")
+
+
+def test_choices_list_what_the_machine_has(monkeypatch):
+    fake_cuda(monkeypatch, 0)
+    monkeypatch.setitem(sys.modules, "torch_directml", None)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert devices.choices() == ["cpu"]
+    fake_cuda(monkeypatch, 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    fake_directml(monkeypatch, 1)
+    assert devices.choices() == ["cpu", "cuda", "cuda:0", "cuda:1", "mps", "privateuseone:0"]
+
+
+@pytest.mark.parametrize("kind", list(devices.WORK))
+def test_work_stays_on_a_device_where_it_runs(kind):
+    """Each probe passes on a device that computes correctly (the CPU itself), so a working GPU keeps the work."""
+    devices.WORK[kind](torch.device("cpu"))
+    assert devices.place("cpu", kind) == devices.Placement(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", "cuda", "privateuseone:0"])
+@pytest.mark.parametrize("kind", list(devices.WORK))
+def test_work_that_cannot_run_on_a_device_runs_on_the_cpu_with_a_note(name, kind):
+    """This torch has none of these backends: every operation there fails, as missing kernels do."""
+    placement = devices.place(name, kind)
+    assert placement.device == torch.device("cpu")
+    assert placement.note.startswith(f"{kind} ran on the CPU: it does not run on {name} (")
+
+
+def test_a_device_computing_wrong_results_is_not_used(monkeypatch):
+    """A backend whose kernels run but disagree with the CPU (seen with young backends) is ruled out too."""
+    from lib_rebasin import matching
+    real = matching.match
+
+    def wrong_on_the_device(spec, a, b, options=matching.MatchOptions(), **kw):
+        result = real(spec, a, b, matching.MatchOptions(screen=options.screen), **kw)
+        if options.device != "cpu":
+            result.perms = {k: v.flip(0) for k, v in result.perms.items()}
+        return result
+
+    monkeypatch.setattr(matching, "match", wrong_on_the_device)
+    placement = devices.place("xpu", "matching")
+    assert placement.device.type == "cpu" and "differ from the CPU's" in placement.note
+
+
+def test_out_of_memory_is_recognised_whatever_the_backend_calls_it():
+    assert devices.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert devices.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)"))
+    assert not devices.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+# --- the webui's device, through the host adapters -----------------------------------------------------------
+
+@pytest.fixture
+def stub_webui(tmp_path, monkeypatch):
+    """The webui's stand-in modules (no UI): A1111, or Forge after `forge.apply()`."""
+    monkeypatch.setenv("WEBUI_STUB_MODELS", str(tmp_path / "models"))
+    monkeypatch.syspath_prepend(str(STUBS))
+    forget = [n for n in sys.modules if n.split(".")[0] in ("modules", "backend", "forge")]
+    for name in forget:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [n for n in sys.modules if n.split(".")[0] in ("modules", "backend", "forge")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("flavor", ["a1111", "forge"])
+@pytest.mark.parametrize("device", ["mps", "xpu", "privateuseone:0", "cuda:0"])
+def test_the_host_takes_whatever_device_the_webui_runs_on(stub_webui, monkeypatch, flavor, device):
+    from modules import devices as webui_devices
+    if flavor == "forge":
+        import forge
+        from backend import memory_management
+        monkeypatch.setattr(memory_management, "get_torch_device", lambda: torch.device(device))
+        forge.apply()
+        from lib_rebasin.host.forge import ForgeHost as HostClass
+    else:
+        monkeypatch.setattr(webui_devices, "device", torch.device(device))
+        from lib_rebasin.host.a1111 import A1111Host as HostClass
+    host = HostClass()
+    assert host.default_device() == device
+    assert host.resolve_device("") == device and host.resolve_device("default") == device
+    assert host.resolve_device("cpu") == "cpu" and host.resolve_device("dml") == "privateuseone:0"
+    choices = host.device_choices()
+    assert choices[0] == "cpu" and device in choices
+    with pytest.raises(devices.DeviceError, match="unknown device 'tpu'"):
+        host.resolve_device("tpu")
