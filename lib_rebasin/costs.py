@@ -33,6 +33,14 @@ LOW_PRECISION_WORK = 1 << 22  # multiply-adds below which a low-precision produc
 _workspace = threading.local()
 
 
+def workspace_bytes(width: int, bindings: int) -> int:
+    """Bytes of scratch one thread's `Partial.add` may hold for groups up to `width` wide, with up to
+    `bindings` bindings in one tensor: float32, low-precision and reordered copies of a piece of A and B, the
+    squares for the norms, the objective's pieces, and one product buffer per binding."""
+    pieces = PIECE_ELEMENTS * (2 * 4 + 2 * 2 + 2 * 4 + 4 + 2 * 4)
+    return pieces + bindings * width * width * 4
+
+
 def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A per-thread buffer reused from call to call: fresh big allocations cost page faults every time (and,
     with the page cache full of the memory-mapped inputs, a page reclaim each)."""

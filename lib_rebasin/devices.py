@@ -100,8 +100,9 @@ def is_accelerator(device: str | torch.device) -> bool:
 def free_memory(device: torch.device) -> int | None:
     """Bytes free on `device` now (None where torch cannot tell)."""
     try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cuda":  # free on the card, and what torch's allocator holds without using
+            reserved = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return torch.cuda.mem_get_info(device)[0] + reserved
         if device.type == "xpu" and hasattr(torch.xpu, "mem_get_info"):
             return torch.xpu.mem_get_info(device)[0]
         if device.type == "mps":

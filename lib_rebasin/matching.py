@@ -23,17 +23,19 @@ import re
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Protocol
 
 import torch
 
-from . import assignment, precision
-from .costs import Partial, inner_product, inner_products
+from . import assignment, devices, precision
+from .costs import Partial, inner_product, inner_products, workspace_bytes
 from .progress import SILENT, Monitor
 from .spec.core import Binding, Group, Permutations, Spec, identity, is_identity
 
 PASS_MEMORY = 1 << 30         # bytes of unfinished costs the certification pass may hold; beyond, groups wait
+DEVICE_SLACK = 1 << 28        # device memory left unplanned (the allocator's rounding and fragmentation)
+CPU = torch.device("cpu")     # where a group goes when its device runs out of memory
 PREFETCH_ELEMENTS = 1 << 27   # read-ahead hints cover about this many elements of each source at a time
 
 
@@ -102,6 +104,8 @@ class MatchReport:
     screen_dtype: str | None
     seed: int
     float32_product_bits: int = precision.FP32_FRACTION_BITS  # fraction bits float32 products kept (23: IEEE)
+    memory_plan: int | None = None         # bytes matching may allocate on its device at most (None: on the CPU)
+    cpu_fallback: list[str] = field(default_factory=list)  # groups computed on the CPU: the device ran out of memory
 
     @property
     def solver_skipped(self) -> int:
@@ -176,6 +180,25 @@ def make_plan(spec: Spec, shapes: Mapping[str, tuple[int, ...]]) -> _Plan:
                  {k: tuple(shapes[k]) for k in by_key})
 
 
+def device_memory(plan: _Plan, pass_memory: int) -> int:
+    """Bytes `match` allocates on its device at most, with `pass_memory` for the certification pass's costs:
+    the largest tensor of A and of B with two permuted copies (float32 at most), one group's cost with the
+    copies its decision makes, the product buffers and scratch of the costs (`costs.workspace_bytes`)."""
+    largest = max((math.prod(shape) for shape in plan.shapes.values()), default=0) * 4
+    widest = max((g.size for g in plan.groups.values()), default=0)
+    per_key = max((len(entries) for entries in plan.by_key.values()), default=1)
+    return pass_memory + 4 * largest + 4 * widest * widest * 4 + workspace_bytes(widest, per_key)
+
+
+def _pass_memory(plan: _Plan, device: torch.device) -> int:
+    """The certification pass's budget on `device`: PASS_MEMORY, or less where the device's free memory, less
+    the rest of the plan, is smaller (down to 0: then every group is visited on its own)."""
+    free = None if device == CPU else devices.free_memory(device)
+    if free is None:
+        return PASS_MEMORY
+    return int(min(PASS_MEMORY, max(free - device_memory(plan, 0) - DEVICE_SLACK, 0)))
+
+
 # --- applying permutations while reading --------------------------------------------------------------------
 
 def _axis_index(plan: _Plan, key: str, axis: int, size: int, perms: Permutations,
@@ -217,6 +240,23 @@ def screening(options: MatchOptions) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where costs are computed, with the arithmetic measured there and the screening products it affords."""
+    device: torch.device
+    arithmetic: precision.Arithmetic
+    screen_dtype: torch.dtype | None
+
+    @classmethod
+    def measure(cls, device: torch.device, options: MatchOptions) -> "_Place":
+        """(Inside `precision.ieee_products`.)"""
+        arithmetic = precision.measure(device)
+        if not arithmetic.usable:
+            raise ValueError(f"{device} keeps only {arithmetic.float32_fraction_bits} fraction bits of float32 "
+                             f"inputs in its products: too few for exact costs")
+        return cls(device, arithmetic, _screen_dtype(options, arithmetic))
+
+
 class _Matcher:
     def __init__(self, plan: _Plan, a: TensorSource, b: TensorSource, perms: Permutations, options: MatchOptions,
                  monitor: Monitor):
@@ -224,8 +264,11 @@ class _Matcher:
         self.perms = {k: v.clone() for k, v in perms.items()}
         self.initial = {k: v.clone() for k, v in perms.items()}
         self.device = torch.device(options.device)
-        self.screen_dtype: torch.dtype | None = None      # set by match() once the threads are set up
-        self.arithmetic: precision.Arithmetic | None = None  # measured by match() with IEEE products asked for
+        self.place: _Place | None = None                  # measured by match() with IEEE products asked for
+        self.cpu_place: _Place | None = None              # for groups the device has no memory for
+        self.cpu_fallback: set[str] = set()               # groups the device had no memory for
+        self.dropped: set[str] = set()                    # groups whose cost ran out of device memory in the pass
+        self.pass_memory = PASS_MEMORY
         self.seconds: dict[str, float] = defaultdict(float)
         self.terms: dict[str, float] = {}                 # key -> ⟨A_k, P(B)_k⟩ under the current perms
         self.first: dict[str, tuple[float, float, float]] = {}  # key -> (‖A‖², ‖B‖², ⟨A, P_init(B)⟩)
@@ -236,12 +279,16 @@ class _Matcher:
         self.pool: ThreadPoolExecutor | None = None
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def _load(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A's and B's tensor on the device, in their stored dtype (upcast happens per window).  Runs in the
+    @property
+    def screen_dtype(self) -> torch.dtype | None:
+        return self.place.screen_dtype
+
+    def _load(self, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's and B's tensor on `device`, in their stored dtype (upcast happens per window).  Runs in the
         worker threads."""
         self.monitor.check()
-        a = self.a.get(key).to(self.device)
-        b = self.b.get(key).to(self.device)
+        a = self.a.get(key).to(device)
+        b = self.b.get(key).to(device)
         if a.shape != b.shape:
             raise ValueError(f"{key}: shapes differ between the models: {tuple(a.shape)} and {tuple(b.shape)}")
         if key not in self.first:
@@ -251,13 +298,44 @@ class _Matcher:
 
     def _contribute(self, key: str, targets: list[tuple[str, _KeyUse, Partial, int]]) -> None:
         """Read one tensor and add it to the costs of the given groups (a worker-thread task)."""
-        a, b = self._load(key)
+        a, b = self._load(key, targets[0][2].device)
         for name, use, partial, ticket in targets:
             partial.add(a, _permuted(self.plan, key, b, self.perms, skip=name), use.bindings, ticket)
 
+    def _contribute_in_pass(self, key: str, targets: list[tuple[str, _KeyUse, Partial, int]]) -> None:
+        """`_contribute` for the certification pass: a group whose cost runs out of device memory is dropped
+        from the pass (and visited later, on the CPU if need be)."""
+        targets = [t for t in targets if t[0] not in self.dropped]
+        if not targets:
+            return
+        try:
+            self._contribute(key, targets)
+        except Exception as e:
+            if not self._out_of_memory(e):
+                raise
+            self.dropped.update(name for name, *_ in targets)
+
+    def _out_of_memory(self, error: BaseException) -> bool:
+        """Whether `error` is the device running out of memory (then its cache is emptied for what follows)."""
+        if self.device == CPU or not devices.is_out_of_memory(error):
+            return False
+        devices.empty_cache(self.device)
+        return True
+
+    def _cpu(self) -> _Place:
+        if self.cpu_place is None:
+            self.cpu_place = _Place.measure(CPU, self.options)
+        return self.cpu_place
+
     def _term(self, key: str) -> None:
-        a, b = self._load(key)
-        self.terms[key] = inner_product(a, _permuted(self.plan, key, b, self.perms))
+        try:
+            a, b = self._load(key, self.device)
+            self.terms[key] = inner_product(a, _permuted(self.plan, key, b, self.perms))
+        except Exception as e:
+            if not self._out_of_memory(e):
+                raise
+            a, b = self._load(key, CPU)
+            self.terms[key] = inner_product(a, _permuted(self.plan, key, b, self.perms))
 
     def _update_terms(self) -> None:
         """Recompute ⟨A_k, P(B)_k⟩ for the keys whose permutations changed since it was last computed."""
@@ -283,13 +361,13 @@ class _Matcher:
                 source.prefetch(keys)
 
     # -- one group ---------------------------------------------------------------------------------------------
-    def _partial(self, name: str, exact: bool) -> Partial:
-        return Partial(self.plan.groups[name].size, self.device, None if exact else self.screen_dtype,
-                       self.arithmetic)
+    def _partial(self, name: str, exact: bool, place: _Place) -> Partial:
+        return Partial(self.plan.groups[name].size, place.device, None if exact else place.screen_dtype,
+                       place.arithmetic)
 
-    def _cost(self, name: str, exact: bool) -> tuple[torch.Tensor, assignment.ErrorBound | None]:
+    def _cost(self, name: str, exact: bool, place: _Place) -> tuple[torch.Tensor, assignment.ErrorBound]:
         start = time.perf_counter()
-        partial = self._partial(name, exact)
+        partial = self._partial(name, exact, place)
         uses = self.plan.uses[name]
         self._prefetch([use.key for use in uses])
         tasks = [self.pool.submit(self._contribute, use.key, [(name, use, partial, partial.ticket())]) for use in uses]
@@ -308,11 +386,22 @@ class _Matcher:
         return proven
 
     def visit(self, name: str) -> tuple[bool, bool]:
-        """Give group `name` its best permutation. Returns (changed, decided without the solver by a proof)."""
+        """Give group `name` its best permutation. Returns (changed, decided without the solver by a proof).
+        A group the device has no memory for is computed on the CPU (from then on)."""
+        if name not in self.cpu_fallback:
+            try:
+                return self._visit(name, self.place)
+            except Exception as e:
+                if not self._out_of_memory(e):
+                    raise
+            self.cpu_fallback.add(name)
+        return self._visit(name, self._cpu())
+
+    def _visit(self, name: str, place: _Place) -> tuple[bool, bool]:
         layout = self.plan.layouts[name]
         current = self.perms[name]
-        if name not in self.undecided and self.screen_dtype is not None:
-            cost, bound = self._cost(name, exact=False)
+        if name not in self.undecided and place.screen_dtype is not None:
+            cost, bound = self._cost(name, exact=False, place=place)
             proven = self._prove(name, cost, bound)
             if proven is not None and torch.equal(proven, current):
                 self.count.needed += layout.naive_calls
@@ -322,7 +411,7 @@ class _Matcher:
                 self._accept(name, proven)
                 return True, True
         self.undecided.discard(name)
-        cost, bound = self._cost(name, exact=True)
+        cost, bound = self._cost(name, exact=True, place=place)
         start = time.perf_counter()
         candidate = assignment.solve(cost, layout, current, self.count)
         improves = not torch.equal(candidate, current) and self._improves(cost, bound, current, candidate)
@@ -369,7 +458,11 @@ class _Matcher:
                 name = complete.popleft()
                 for future in futures.pop(name):
                     future.result()
-                decisions.append(self.pool.submit(self._decide, name, partials.pop(name)))
+                partial = partials.pop(name)
+                if name in self.dropped:
+                    waiting.add(name)
+                else:
+                    decisions.append(self.pool.submit(self._decide, name, partial))
 
         for index, key in enumerate(keys):
             if index >= fetched:  # read-ahead hints, a batch of about PREFETCH_ELEMENTS at a time
@@ -380,12 +473,16 @@ class _Matcher:
                 self._prefetch(keys[fetched:batch_end])
                 fetched = batch_end
             monitor.report(done / total, f"certification pass: {key}")
+            for name in [n for n in partials if n in self.dropped and n not in complete]:  # out of memory
+                del partials[name]
+                futures.pop(name, None)
+                waiting.add(name)
             targets = []
-            for name in sorted({g.name for g, _ in plan.by_key[key]} - waiting):
+            for name in sorted({g.name for g, _ in plan.by_key[key]} - waiting - self.dropped):
                 if name not in partials:
-                    partials[name] = self._partial(name, exact)
+                    partials[name] = self._partial(name, exact, self.place)
                 targets.append((name, use_of[key, name], partials[name], partials[name].ticket()))
-            future = self.pool.submit(self._contribute, key, targets)
+            future = self.pool.submit(self._contribute_in_pass, key, targets)
             in_flight.append(future)
             for name, _, _, _ in targets:
                 futures[name].append(future)
@@ -396,7 +493,7 @@ class _Matcher:
             while len(in_flight) > 2 * self.workers or (in_flight and in_flight[0].done()):
                 in_flight.popleft().result()
             evictable = [n for n in partials if n not in complete]
-            while evictable and sum(p.nbytes for p in partials.values()) > PASS_MEMORY:
+            while evictable and sum(p.nbytes for p in partials.values()) > self.pass_memory:
                 biggest = max(evictable, key=lambda n: partials[n].nbytes)
                 evictable.remove(biggest)
                 del partials[biggest]
@@ -408,6 +505,9 @@ class _Matcher:
             future.result()
         for future in decisions:
             name, proven = future.result()
+            if name in self.dropped:
+                waiting.add(name)
+                continue
             if proven is not None and torch.equal(proven, self.perms[name]):
                 self.count.needed += plan.layouts[name].naive_calls
                 continue
@@ -419,8 +519,14 @@ class _Matcher:
 
     def _decide(self, name: str, partial: Partial) -> tuple[str, torch.Tensor | None]:
         """(name, the optimum its finished cost proves or None): a worker-thread task."""
-        cost, bound = partial.finish()
-        return name, assignment.screen(cost, self.plan.layouts[name], bound)
+        try:
+            cost, bound = partial.finish()
+            return name, assignment.screen(cost, self.plan.layouts[name], bound)
+        except Exception as e:
+            if not self._out_of_memory(e):
+                raise
+            self.dropped.add(name)
+            return name, None
 
     # -- sweeps ----------------------------------------------------------------------------------------------
     def run(self) -> MatchReport:
@@ -471,7 +577,9 @@ class _Matcher:
             seconds={k: round(v, 3) for k, v in self.seconds.items()},
             blocks=self.block_alignment(), device=str(self.device),
             screen_dtype=str(self.screen_dtype).removeprefix("torch.") if self.screen_dtype else None,
-            seed=options.seed, float32_product_bits=self.arithmetic.float32_fraction_bits)
+            seed=options.seed, float32_product_bits=self.place.arithmetic.float32_fraction_bits,
+            memory_plan=None if self.device == CPU else device_memory(self.plan, self.pass_memory),
+            cpu_fallback=sorted(self.cpu_fallback))
 
     def objective(self) -> float:
         return sum(self.terms[key] for key in self.plan.by_key if key in self.terms)  # a fixed order: same sums
@@ -522,11 +630,8 @@ def match(spec: Spec, a, b, options: MatchOptions = MatchOptions(), *, init: Per
             torch.set_num_threads(1)
         # the error bounds are those of the arithmetic performed: ask for IEEE products, measure what we get
         with precision.ieee_products(), torch.no_grad():
-            matcher.arithmetic = precision.measure(matcher.device)
-            if not matcher.arithmetic.usable:
-                raise ValueError(f"{matcher.device} keeps only {matcher.arithmetic.float32_fraction_bits} fraction "
-                                 f"bits of float32 inputs in its products: too few for exact costs")
-            matcher.screen_dtype = _screen_dtype(options, matcher.arithmetic)
+            matcher.place = _Place.measure(matcher.device, options)
+            matcher.pass_memory = _pass_memory(plan, matcher.device)
             with ThreadPoolExecutor(matcher.workers, thread_name_prefix="lib_rebasin-match") as pool:
                 matcher.pool = pool
                 try:

@@ -149,3 +149,82 @@ def test_the_host_takes_whatever_device_the_webui_runs_on(stub_webui, monkeypatc
     assert choices[0] == "cpu" and device in choices
     with pytest.raises(devices.DeviceError, match="unknown device 'tpu'"):
         host.resolve_device("tpu")
+
+
+def test_the_permutation_cache_key_holds_the_device_kind_and_the_screening(monkeypatch):
+    from lib_rebasin import permcache
+    from lib_rebasin.matching import MatchOptions, screening
+
+    def key(**options):
+        return permcache.cache_key("rebasin", ["aa", "bb"], ["unet"], MatchOptions(**options))
+    # screening as resolved, not as asked: "auto" is whichever of "on" and "off" this CPU resolves it to
+    assert key(screen="on") != key(screen="off")
+    assert key(screen="auto") == key(screen="on" if screening(MatchOptions()) else "off")
+    monkeypatch.setattr(permcache, "screening", lambda options: None)  # stand-in: no CUDA to measure here
+    assert key(device="cuda") != key(device="cpu")
+    assert key(device="cuda:0") == key(device="cuda:1") == key(device="cuda")  # the kind, not the card
+
+
+# --- device memory: planned from what is free, a group that does not fit goes to the CPU ----------------------
+# `cpu:0` stands in for an accelerator: a device distinct from the CPU matching falls back to, whose tensors
+# happen to live in RAM.
+
+ACCELERATOR = "cpu:0"
+
+
+def planted_pair():
+    from lib_rebasin.spec.core import apply_to_state_dict, random_permutations
+    from test_matching import drifted, groupnorm_stack
+    spec, a = groupnorm_stack(seed=1)
+    b = drifted(apply_to_state_dict(spec, a, random_permutations(spec, seed=7)), 0.01, seed=3)
+    return spec, a, b
+
+
+@pytest.mark.parametrize("screen", ["off", "on"])
+def test_a_group_the_device_has_no_memory_for_runs_on_the_cpu(monkeypatch, screen):
+    from lib_rebasin import costs
+    from lib_rebasin.matching import MatchOptions, match
+    spec, a, b = planted_pair()
+    reference = match(spec, a, b, MatchOptions(screen=screen))
+    add = costs.Partial.add
+    big = max(g.size for g in spec.groups.values())
+
+    def add_or_run_out(self, *args):
+        if self.device == torch.device(ACCELERATOR) and self.size == big:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return add(self, *args)
+
+    monkeypatch.setattr(costs.Partial, "add", add_or_run_out)
+    result = match(spec, a, b, MatchOptions(device=ACCELERATOR, screen=screen))
+    assert all(torch.equal(result.perms[g], reference.perms[g]) for g in spec.groups)
+    assert result.report.cpu_fallback == [g.name for g in spec.groups.values() if g.size == big]
+    assert result.report.objective_after == pytest.approx(reference.report.objective_after, rel=1e-9)
+
+
+def test_other_errors_on_the_device_are_not_hidden(monkeypatch):
+    from lib_rebasin import costs
+    from lib_rebasin.matching import MatchOptions, match
+    spec, a, b = planted_pair()
+
+    def broken(self, *args):
+        raise RuntimeError("an unsupported operation")
+    monkeypatch.setattr(costs.Partial, "add", broken)
+    with pytest.raises(RuntimeError, match="unsupported operation"):
+        match(spec, a, b, MatchOptions(device=ACCELERATOR))
+
+
+def test_the_certification_pass_is_planned_from_free_device_memory(monkeypatch):
+    from lib_rebasin import matching
+    from lib_rebasin.matching import MatchOptions, make_plan, match
+    spec, a, b = planted_pair()
+    roomy = match(spec, a, b, MatchOptions(device=ACCELERATOR, screen="off"))
+    plan = make_plan(spec, {k: tuple(v.shape) for k, v in a.items()})
+    assert roomy.report.memory_plan == matching.device_memory(plan, matching.PASS_MEMORY)  # nothing said: 1 GB
+    fixed = matching.device_memory(plan, 0) + matching.DEVICE_SLACK
+    for budget in (0, 1000):   # no room for even one cost beside the rest: every group waits for its visit
+        monkeypatch.setattr(devices, "free_memory", lambda device: fixed + budget)
+        tight = match(spec, a, b, MatchOptions(device=ACCELERATOR, screen="off"))
+        assert tight.report.memory_plan == matching.device_memory(plan, budget)
+        assert tight.report.sweeps[0].screened < roomy.report.sweeps[0].screened or roomy.report.sweeps[0].screened == 0
+        assert all(torch.equal(tight.perms[g], roomy.perms[g]) for g in spec.groups)
+        assert tight.report.cpu_fallback == []
