@@ -91,6 +91,7 @@ class PeakRss:
 
 def build_inputs(folder: Path, scale: str) -> dict[str, Path]:
     """A, B (same base), P (A permuted) and B2 (P + drift): written once, reused by later runs."""
+    folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"{name}.safetensors" for name in ("A", "B", "P", "B2")}
     steps = [("A", lambda out: write_synthetic(out, scale=scale, seed=1)),
              ("B", lambda out: write_synthetic(out, base=paths["A"], seed=2, drift=0.01)),
@@ -105,14 +106,14 @@ def build_inputs(folder: Path, scale: str) -> dict[str, Path]:
     return paths
 
 
-def run_job(job: str, device: str, inputs: dict[str, Path], folder: Path, limit: float | None) -> Run:
+def run_job(job: str, device: str, label: str, inputs: dict[str, Path], folder: Path, limit: float | None) -> Run:
     method, models, weights = JOBS[job]
     out_dir = folder / f"{job}-{device.replace(':', '')}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     request = jobs.MergeRequest(method=method, models=[str(inputs[m]) for m in models],
                                 output=str(out_dir / "out.safetensors"), device=device, dtype="fp16", **weights)
-    run = Run(job, device, limit=limit)
+    run = Run(job, label, limit=limit)
     torch_device = torch.device(device)
     if torch_device.type == "cuda":
         torch.cuda.synchronize(torch_device)
@@ -227,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu_label = "cpu (standing in for the GPU)" if args.dry_run else gpu
     try:
         for job in JOBS:
-            runs[job, gpu_label] = run = run_job(job, gpu, inputs, args.scratch / "gpu", None)
+            runs[job, gpu_label] = run = run_job(job, gpu, gpu_label, inputs, args.scratch / "gpu", None)
             print(f"{job} on {gpu_label}: {text(run.seconds, ' s')}", *run.notes, flush=True)
         for index, job in enumerate(JOBS):
             left = args.budget - (time.monotonic() - started)
             limit = None if args.dry_run else max(left / (len(JOBS) - index), 10.0)
-            runs[job, cpu] = run = run_job(job, cpu, inputs, args.scratch / "cpu", limit)
+            runs[job, cpu] = run = run_job(job, cpu, cpu, inputs, args.scratch / "cpu", limit)
             print(f"{job} on {cpu}: {text(run.seconds, ' s') if run.seconds else f'stopped at {limit:.0f} s'}",
                   flush=True)
         print()

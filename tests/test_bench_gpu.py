@@ -24,7 +24,8 @@ def test_gpu_benchmark_dry_run(tmp_path, capsys):
     for stand_in, cpu in zip(rows[::2], rows[1::2]):
         assert float(stand_in[2]) > 0 and float(cpu[2]) > 0 and float(stand_in[3]) > 0.1   # seconds, GB of RAM
         assert stand_in[4] == "—"                                                           # no VRAM on a CPU
-        assert abs(float(stand_in[5]) - float(stand_in[2]) / float(cpu[2])) < 0.01          # the time ratio
+        g, c = float(stand_in[2]), float(cpu[2])                                            # shown to 0.1 s
+        assert (g - 0.05) / (c + 0.05) <= float(stand_in[5]) <= (g + 0.05) / max(c - 0.05, 1e-9)  # the ratio
     # the same device twice: the same merge to the bit, the same permutations
     assert [r[6] for r in rows[::2]] == ["0 ulp", "same permutations", "same permutations"]
     assert not (tmp_path / "scratch" / "inputs").exists()  # inputs deleted without --keep
