@@ -203,3 +203,21 @@ def place(device: torch.device | str, kind: str) -> Placement:
     if reason is None:
         return Placement(device)
     return Placement(torch.device("cpu"), f"{kind} ran on the CPU: it does not run on {device} ({reason})")
+
+
+@dataclass(frozen=True)
+class JobDevices:
+    """Where the parts of one job run, decided before it reads anything big."""
+    merging: torch.device
+    matching: torch.device | None        # None: the job does no weight matching
+    notes: tuple[str, ...] = ()          # for the user: a part that runs on the CPU instead, and why
+
+
+def plan_job(name: str | torch.device, *, matching: bool, compute: torch.dtype = torch.float32) -> JobDevices:
+    """The devices of a job asked to run on `name`: a DeviceError if this machine lacks it; each part (merging
+    in `compute`, weight matching) there if it runs there, else on the CPU with a note."""
+    device = require(name)
+    merge = place(device, "merging in float64" if compute == torch.float64 else "merging")
+    match = place(device, "matching") if matching else None
+    notes = tuple(p.note for p in (merge, match) if p is not None and p.note)
+    return JobDevices(merge.device, match.device if match is not None else None, notes)

@@ -228,3 +228,28 @@ def test_the_certification_pass_is_planned_from_free_device_memory(monkeypatch):
         assert tight.report.sweeps[0].screened < roomy.report.sweeps[0].screened or roomy.report.sweeps[0].screened == 0
         assert all(torch.equal(tight.perms[g], roomy.perms[g]) for g in spec.groups)
         assert tight.report.cpu_fallback == []
+
+
+def test_a_job_plan_puts_each_part_where_it_runs(monkeypatch):
+    """A webui on mps: merging runs there, matching (it needs float64) on the CPU, with one note; float64 merging
+    goes to the CPU as well.  Stand-in: mps is 'available' and the probes' verdicts are those of a real Mac."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    verdicts = {"matching": TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't "
+                                      "support float64"),
+                "merging in float64": TypeError("Cannot convert a MPS Tensor to float64 dtype"), "merging": None}
+
+    def probe(kind):
+        def run(device):
+            if verdicts[kind] is not None:
+                raise verdicts[kind]
+        return run
+    monkeypatch.setattr(devices, "WORK", {kind: probe(kind) for kind in verdicts})
+    plan = devices.plan_job("mps", matching=True)
+    assert plan.merging == torch.device("mps") and plan.matching == torch.device("cpu")
+    assert plan.notes == ("matching ran on the CPU: it does not run on mps (TypeError: Cannot convert a MPS Tensor "
+                          "to float64 dtype as the MPS framework doesn't support float64)",)
+    plan = devices.plan_job("mps", matching=False, compute=torch.float64)
+    assert plan.merging == torch.device("cpu") and plan.matching is None and len(plan.notes) == 1
+    assert devices.plan_job("cpu", matching=True) == devices.JobDevices(torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(devices.DeviceError, match="'cuda' is not available here"):
+        devices.plan_job("cuda", matching=True)
