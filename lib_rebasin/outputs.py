@@ -1,13 +1,14 @@
 """The one guard every file the tool writes goes through: merges, reports, charts, permutation caches, state.
 
 An output is never one of the job's inputs (by any path: symlink, hard link, relative, other case), never an
-existing file unless overwriting was asked, never a folder or a device, and it appears only complete: bytes go
-to a temporary file beside the target, `.NAME.<host>~<pid>~<random>.rebasin-tmp` (hidden, and not a checkpoint
-extension, so the webuis never list it), which is flushed to disk and then committed.  Without overwrite the
-commit fails if the name appeared meanwhile: a hard link cannot replace a file (nor can Windows' rename, nor
-Linux's renameat2 with RENAME_NOREPLACE where a file system has no hard links).  With overwrite it is an atomic
-replace.  Any error, cancel or signal removes the temporary file; one left by a hard kill or a power loss is
-removed the next time the tool writes into that folder, once the process that made it is gone.
+existing file unless overwriting was asked, never a folder or a device, never made from an input that changed
+while it was read, and it appears only complete: bytes go to a temporary file beside the target,
+`.NAME.<host>~<pid>~<random>.rebasin-tmp` (hidden, and not a checkpoint extension, so the webuis never list it),
+which is flushed to disk and then committed.  Without overwrite the commit fails if the name appeared meanwhile:
+a hard link cannot replace a file (nor can Windows' rename, nor Linux's renameat2 with RENAME_NOREPLACE where a
+file system has no hard links).  With overwrite it is an atomic replace.  Any error, cancel or signal removes
+the temporary file; one left by a hard kill or a power loss is removed the next time the tool writes into that
+folder, once the process that made it is gone.
 """
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ def _is_input(path: Path, inputs: Iterable[str | os.PathLike]) -> str | None:
             if os.path.normcase(os.path.realpath(path)) == os.path.normcase(os.path.realpath(source)):
                 return str(source)
     return None
+
+
+def _fingerprint(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
@@ -355,6 +364,7 @@ class OutputFile:
                  size: int = 0, suffixes: tuple[str, ...] | None = (".safetensors",)):
         self.inputs = [str(p) for p in inputs]
         self.path = check_output_path(path, self.inputs, overwrite, suffixes=suffixes)
+        self._fingerprints = {p: _fingerprint(p) for p in self.inputs}
         self.overwrite = overwrite
         if size:
             check_file_size_limit(self.path.parent, size, self.path)
@@ -420,6 +430,10 @@ class OutputFile:
             source = _is_input(self.path, self.inputs) if os.path.lexists(self.path) else None
             if source is not None:
                 raise OutputError(f"{self.path}: is now an input of this job ({source}): not replaced")
+            changed = [p for p, before in self._fingerprints.items() if _fingerprint(p) != before]
+            if changed:
+                raise OutputError(f"{changed[0]}: changed while this job read it (another program wrote it?): the "
+                                  f"result would mix two versions, so {self.path.name} was not written; run it again")
             try:
                 with deferred():  # a signal must not fall between the rename and knowing it happened
                     if self.overwrite:

@@ -659,3 +659,20 @@ def test_file_system_type_is_read_from_the_mount_table(tmp_path):
         root_type = next(line.split()[2] for line in f if line.split()[1] == "/")
     assert outputs.file_system_type("/") == root_type
     assert outputs.file_system_type("/proc/self") == "proc"
+
+
+def test_input_rewritten_during_the_merge_discards_the_result(capsys, models, monkeypatch):
+    from lib_rebasin import jobs
+    from lib_rebasin.progress import Monitor
+    changed = []
+
+    def rewrite_b(fraction: float, message: str) -> None:
+        if fraction > 0.3 and not changed:  # another program writes B (same size, new time) mid-merge
+            os.utime(models.b, ns=(time.time_ns(), time.time_ns() + 10**9))
+            changed.append(True)
+    request = jobs.MergeRequest("amp", [str(models.a), str(models.b)], str(models.dir / "out.safetensors"))
+    with pytest.raises(OutputError, match=r"B\.safetensors: changed while this job read it .* out\.safetensors "
+                                          r"was not written"):
+        jobs.run(request, Monitor(on_progress=rewrite_b))
+    assert changed
+    models.check()
