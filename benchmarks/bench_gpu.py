@@ -196,8 +196,8 @@ def table(runs: dict[tuple[str, str], Run], gpu: str, cpu: str) -> str:
                 else:
                     equal = permutations_equal(g.cache_file, c.cache_file)
                     same = "—" if equal is None else ("same permutations" if equal else "PERMUTATIONS DIFFER")
-            rows.append((job, run.device, seconds, text(run.ram / GIB), text(None if run.vram is None else run.vram / GIB),
-                         ratio, same))
+            vram = None if run.vram is None else run.vram / GIB
+            rows.append((job, run.device, seconds, text(run.ram / GIB), text(vram), ratio, same))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

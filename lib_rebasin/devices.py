@@ -114,7 +114,7 @@ def free_memory(device: torch.device) -> int | None:
 
 def empty_cache(device: torch.device) -> None:
     """Give the allocator's cached blocks back to the device."""
-    module = {"cuda": torch.cuda, "mps": getattr(torch, "mps", None), "xpu": getattr(torch, "xpu", None)}.get(device.type)
+    module = getattr(torch, device.type, None) if device.type in ("cuda", "mps", "xpu") else None
     if module is not None and hasattr(module, "empty_cache"):
         try:
             module.empty_cache()

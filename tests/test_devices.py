@@ -253,3 +253,60 @@ def test_a_job_plan_puts_each_part_where_it_runs(monkeypatch):
     assert devices.plan_job("cpu", matching=True) == devices.JobDevices(torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(devices.DeviceError, match="'cuda' is not available here"):
         devices.plan_job("cuda", matching=True)
+
+
+# --- the webui's model makes room on any accelerator, and the job's cache goes back after ------------------
+
+def _job(device: str):
+    from types import SimpleNamespace
+    return SimpleNamespace(device=device, models=[], vae=None)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "privateuseone:0"])
+def test_a1111_frees_its_model_on_any_accelerator_and_empties_the_cache_after(stub_webui, monkeypatch, device):
+    from modules import devices as webui_devices, sd_models
+    from lib_rebasin.host import a1111
+    monkeypatch.setattr(webui_devices, "device", torch.device(device))
+    model = sd_models.FakeModel(device)
+    sd_models.model_data.sd_model = model
+    host = a1111.A1111Host()
+    monkeypatch.setattr(a1111, "_free_vram", lambda name: 1 << 30)   # short: 1 GB free
+    gc_before = webui_devices.gc_calls
+    with host.job_room(_job(device)) as notes:
+        assert model.device == "cpu"                                  # the model made room in VRAM
+        gc_during = webui_devices.gc_calls
+    assert model.moves == ["cpu", device]                              # and came back after
+    assert webui_devices.gc_calls >= gc_during + 1 > gc_before         # the job's cache emptied before that
+    assert any("was unloaded to make room in VRAM" in n for n in notes)
+    gc_before = webui_devices.gc_calls
+    with host.job_room(_job("cpu")):                                   # a CPU job leaves the VRAM alone
+        pass
+    assert model.moves == ["cpu", device] and webui_devices.gc_calls == gc_before
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_forge_frees_its_models_on_any_accelerator_and_empties_its_cache_after(stub_webui, monkeypatch, device):
+    from types import SimpleNamespace
+    import forge
+    from backend import memory_management
+    from modules import sd_models
+    forge.apply()
+    from lib_rebasin.host.forge import ForgeHost
+    sd_models.model_data.sd_model = model = sd_models.ForgeModel(None)
+    monkeypatch.setattr(memory_management, "current_loaded_models",
+                        [SimpleNamespace(model=model, device=torch.device(device))])
+    monkeypatch.setitem(memory_management.free_bytes, device, 1 << 30)
+    host = ForgeHost()
+    memory_management.calls.clear()
+    with host.job_room(_job(device)):
+        assert memory_management.calls == ["unload_all_models", "soft_empty_cache"]
+    assert memory_management.calls[2:] == ["soft_empty_cache", ("load_models_gpu", [model])]
+    monkeypatch.setitem(memory_management.free_bytes, device, 20 << 30)  # room to spare: the model stays,
+    memory_management.calls.clear()                                      # the job's cache still goes back
+    with host.job_room(_job(device)):
+        pass
+    assert memory_management.calls == ["soft_empty_cache"]
+    memory_management.calls.clear()
+    with host.job_room(_job("cpu")):
+        pass
+    assert "soft_empty_cache" not in memory_management.calls

@@ -68,7 +68,8 @@ def read(get):
         return "unreadable"
 def state():
     return [read(lambda: m.allow_tf32), read(lambda: m.fp32_precision), read(torch.get_float32_matmul_precision),
-            read(lambda: torch.backends.mkldnn.matmul.fp32_precision), read(lambda: m.allow_bf16_reduced_precision_reduction)]
+            read(lambda: torch.backends.mkldnn.matmul.fp32_precision),
+            read(lambda: m.allow_bf16_reduced_precision_reduction)]
 {setup}
 before = state()
 with precision.ieee_products():

@@ -15,6 +15,7 @@ import re
 from typing import Callable, Iterator
 
 from ..checkpoint import same_file
+from ..devices import free_memory, is_accelerator, parse
 from . import memory
 from .base import Host, Settings, UnknownCheckpoint, XyzTargets, parse_credentials
 
@@ -117,8 +118,8 @@ class A1111Host(Host):
         if device is None:
             yield None
             return
-        gpu_job = request.device.startswith("cuda")
-        if gpu_job and device.type == "cuda":
+        gpu_job = is_accelerator(request.device)  # cuda, mps, xpu, DirectML: the model's device if it is there
+        if gpu_job and device.type == parse(request.device).type:
             free, need = _free_vram(request.device), memory.VRAM_NEED
             if not memory.short_of(need, free):
                 yield None
@@ -149,6 +150,10 @@ class A1111Host(Host):
 
     def _available_ram(self) -> int | None:
         return memory.available_ram()
+
+    def empty_device_cache(self, device: str) -> None:
+        from modules import devices
+        devices.torch_gc()
 
     def _offload(self, model) -> None:
         from modules import devices, sd_models
@@ -293,11 +298,7 @@ def _model_name(model) -> str:
 
 
 def _free_vram(device: str) -> int | None:
-    import torch
-    try:
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    except (RuntimeError, AssertionError, ValueError):
-        return None
+    return free_memory(parse(device))
 
 
 def _attempt(action: Callable[[], None]) -> tuple[bool, str]:

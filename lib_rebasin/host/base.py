@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
+from .. import devices
 from ..progress import SILENT, Monitor
 from .memory import FreedModel
 
@@ -138,7 +139,6 @@ class Host(ABC):
         """The device the host computes on ('cpu', 'cuda', 'cuda:1', ...)."""
 
     def device_choices(self) -> list[str]:
-        from .. import devices
         choices = devices.choices()
         default = self.default_device()
         if default not in choices:
@@ -152,7 +152,6 @@ class Host(ABC):
         """A device choice from the UI or API ('' / 'default' = the settings' device, else the host's): any
         device the webuis run on.  Whether it is there, and whether each part of a job runs on it, the job
         finds out before it reads anything big (`devices.require`, `devices.place`)."""
-        from .. import devices
         choice = (choice or "").strip()
         if choice in ("", "default"):
             choice = self.settings().device.strip()
@@ -191,11 +190,17 @@ class Host(ABC):
                 try:
                     yield notes
                 finally:
+                    if devices.is_accelerator(request.device):  # the job's cached blocks go back before the model does
+                        self.empty_device_cache(request.device)
                     if freed is not None:
                         notes.append(freed)  # described once it has been restored (or not)
         finally:
             notes[:] = [n.describe() if isinstance(n, FreedModel) else n for n in notes]
             notes.extend(self.trim_permutation_cache())
+
+    def empty_device_cache(self, device: str) -> None:
+        """Give what a job left in the allocator's cache back to the device (the host's own way)."""
+        devices.empty_cache(devices.parse(device))
 
     def trim_permutation_cache(self) -> list[str]:
         from ..permcache import trim_cache

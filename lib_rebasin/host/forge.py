@@ -12,6 +12,7 @@ import contextlib
 import threading
 from typing import Callable, Iterator
 
+from ..devices import is_accelerator, parse
 from . import memory
 from .a1111 import A1111Host, _attempt
 
@@ -46,11 +47,12 @@ class ForgeHost(A1111Host):
         if not hasattr(model, "forge_objects"):  # nothing loaded yet (Forge loads at the first generation)
             yield None
             return
-        if request.device.startswith("cuda"):
-            free = memory_management.get_free_memory(torch.device(request.device))
+        if is_accelerator(request.device):  # cuda, mps, xpu, DirectML
+            device = parse(request.device)
+            free = memory_management.get_free_memory(device)
             need = memory.VRAM_NEED
             on_gpu = [loaded.model for loaded in memory_management.current_loaded_models
-                      if getattr(loaded, "device", None) is not None and loaded.device.type == "cuda"]
+                      if getattr(loaded, "device", None) is not None and loaded.device.type == device.type]
             if not on_gpu or not memory.short_of(need, free):
                 yield None
                 return
@@ -78,6 +80,11 @@ class ForgeHost(A1111Host):
             finally:
                 say(freed.reloading())
                 freed.restored, freed.error = _attempt(lambda: _on_main_thread(sd_models.forge_model_reload))
+
+
+    def empty_device_cache(self, device: str) -> None:
+        from backend import memory_management
+        memory_management.soft_empty_cache()
 
 
 def _model_name(model) -> str:
