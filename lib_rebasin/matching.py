@@ -36,6 +36,7 @@ from .spec.core import Binding, Group, Permutations, Spec, identity, is_identity
 PASS_MEMORY = 1 << 30         # bytes of unfinished costs the certification pass may hold; beyond, groups wait
 DEVICE_SLACK = 1 << 28        # device memory left unplanned (the allocator's rounding and fragmentation)
 CPU = torch.device("cpu")     # where a group goes when its device runs out of memory
+PENDING_DECISIONS = 2         # finished costs per worker that may wait for their decision in the pass
 PREFETCH_ELEMENTS = 1 << 27   # read-ahead hints cover about this many elements of each source at a time
 
 
@@ -181,13 +182,16 @@ def make_plan(spec: Spec, shapes: Mapping[str, tuple[int, ...]]) -> _Plan:
 
 
 def device_memory(plan: _Plan, pass_memory: int) -> int:
-    """Bytes `match` allocates on its device at most, with `pass_memory` for the certification pass's costs:
-    the largest tensor of A and of B with two permuted copies (float32 at most), one group's cost with the
-    copies its decision makes, the product buffers and scratch of the costs (`costs.workspace_bytes`)."""
+    """Bytes `match` allocates on its device (one worker) at most, with `pass_memory` for the certification
+    pass's unfinished costs.  Beside those: the largest tensor of A and of B with two permuted copies (float32
+    at most); costs of the widest group: the new ones of one tensor, the finished ones waiting for their
+    decision, a product summed from pieces (two), the copies a decision makes (three); the product buffers
+    and scratch of the costs (`costs.workspace_bytes`)."""
     largest = max((math.prod(shape) for shape in plan.shapes.values()), default=0) * 4
     widest = max((g.size for g in plan.groups.values()), default=0)
     per_key = max((len(entries) for entries in plan.by_key.values()), default=1)
-    return pass_memory + 4 * largest + 4 * widest * widest * 4 + workspace_bytes(widest, per_key)
+    squares = per_key + PENDING_DECISIONS + 1 + 2 + 3
+    return pass_memory + 4 * largest + squares * widest * widest * 4 + workspace_bytes(widest, per_key)
 
 
 def _pass_memory(plan: _Plan, device: torch.device) -> int:
@@ -461,8 +465,11 @@ class _Matcher:
                 partial = partials.pop(name)
                 if name in self.dropped:
                     waiting.add(name)
-                else:
-                    decisions.append(self.pool.submit(self._decide, name, partial))
+                    continue
+                pending = [f for f in decisions if not f.done()]
+                if len(pending) >= PENDING_DECISIONS * self.workers:  # finished costs waiting bound the memory
+                    pending[0].result()
+                decisions.append(self.pool.submit(self._decide, name, partial))
 
         for index, key in enumerate(keys):
             if index >= fetched:  # read-ahead hints, a batch of about PREFETCH_ELEMENTS at a time
