@@ -361,8 +361,9 @@ class OutputFile:
     """
 
     def __init__(self, path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
-                 size: int = 0, suffixes: tuple[str, ...] | None = (".safetensors",)):
+                 size: int = 0, suffixes: tuple[str, ...] | None = (".safetensors",), record: bool = True):
         self.inputs = [str(p) for p in inputs]
+        self.record = record  # listed by committed_since (a result the user asked for, not a cache)
         self.path = check_output_path(path, self.inputs, overwrite, suffixes=suffixes)
         self._fingerprints = {p: _fingerprint(p) for p in self.inputs}
         self.overwrite = overwrite
@@ -441,7 +442,8 @@ class OutputFile:
                     else:
                         _commit_new(self.tmp, self.path)
                     self.committed = True
-                    _committed.append(self.path)
+                    if self.record:
+                        _committed.append(self.path)
                     with _live_lock:
                         _live.discard(str(self.tmp))
             except FileExistsError:
@@ -477,9 +479,10 @@ class OutputFile:
 
 
 def write_file(path: str | os.PathLike, data: bytes, *, inputs: Iterable[str | os.PathLike] = (),
-               overwrite: bool = False, suffixes: tuple[str, ...] | None = None) -> Path:
+               overwrite: bool = False, suffixes: tuple[str, ...] | None = None, record: bool = True) -> Path:
     """Write a small file (a report, a chart, a state file) through the guard."""
-    with OutputFile(path, inputs=inputs, overwrite=overwrite, size=len(data), suffixes=suffixes) as out:
+    with OutputFile(path, inputs=inputs, overwrite=overwrite, size=len(data), suffixes=suffixes,
+                    record=record) as out:
         out.write(data)
     return out.path
 

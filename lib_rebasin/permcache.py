@@ -22,6 +22,7 @@ import torch
 
 from .errors import CheckpointError, OutputError, file_error
 from .matching import MatchOptions, screening
+from .outputs import OutputFile
 from .permute import check_permutations
 from .spec.core import Permutations, Spec
 from .spec.sdxl import SPEC_VERSION
@@ -159,7 +160,8 @@ def save_cache(path: Path, key: str, sets: Sequence[Permutations], report: Mappi
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise file_error(e, path.parent, writing=True) from None
-        return save_state_dict(path, tensors, metadata, inputs=inputs, overwrite=True, suffixes=(CACHE_SUFFIX,))
+        output = OutputFile(path, inputs=inputs, overwrite=True, suffixes=(CACHE_SUFFIX,), record=False)
+        return save_state_dict(output, tensors, metadata)
     except CheckpointError as e:
         if warnings is not None:
             warnings.append(f"permutation cache not written ({e})")

@@ -73,7 +73,7 @@ def remember_sha256(path: str | os.PathLike, sha256: str) -> None:
         data[real] = {"size": size, "mtime_ns": mtime, "sha256": sha256.lower()}
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            write_file(folder / _CACHE_FILE, json.dumps(data, indent=0).encode(), overwrite=True)
+            write_file(folder / _CACHE_FILE, json.dumps(data, indent=0).encode(), overwrite=True, record=False)
         except (OSError, CheckpointError):
             pass  # a cache that cannot be written only costs time
 

@@ -676,3 +676,32 @@ def test_input_rewritten_during_the_merge_discards_the_result(capsys, models, mo
         jobs.run(request, Monitor(on_progress=rewrite_b))
     assert changed
     models.check()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_signal_during_the_commit_is_held_until_the_file_is_in_place(capsys, models, monkeypatch):
+    real_link = os.link
+
+    def link_while_signalled(source, target):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives between the checks and the rename
+        real_link(source, target)
+    monkeypatch.setattr(outputs.os, "link", link_while_signalled)
+    out = models.dir / "out.safetensors"
+    code, _, err = cli(capsys, "amp", models.a, models.b, "-o", out, "-q")
+    assert code == 143
+    assert f"interrupted by SIGTERM: wrote {out} before that; nothing else was written" in err
+    with Checkpoint(out) as ckpt:  # complete and valid
+        assert len(ckpt.keys()) > 100
+    models.check("out.safetensors")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_second_signal_during_cleanup_stops_at_once_without_leftovers(tmp_path):
+    process = spawn("make-synthetic", tmp_path / "big.safetensors", "--scale", "small")
+    _wait_for_temp(tmp_path, process)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
