@@ -96,7 +96,10 @@ def _check_output_path(path: Path, inputs: list, overwrite: bool, suffixes: tupl
         if not overwrite:
             raise OutputError(f"{path}: already exists: choose another name, or allow overwriting")
         mode = os.lstat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        if stat.S_ISLNK(mode):  # replace the link, or write where it points? Neither guess is safe (/dev/stdout)
+            raise OutputError(f"{path}: is a symbolic link (to {os.readlink(path)}): refusing to replace it; give "
+                              f"the file's own name, or remove the link")
+        if not stat.S_ISREG(mode):
             raise OutputError(f"{path}: exists and is not a regular file (a device, pipe or socket): "
                               f"refusing to replace it")
     lower = path.name.lower()

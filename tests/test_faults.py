@@ -705,3 +705,17 @@ def test_second_signal_during_cleanup_stops_at_once_without_leftovers(tmp_path):
     assert process.returncode == 143, err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symbolic_link_is_never_replaced_nor_written_through(capsys, models):
+    # `--report /dev/stdout --overwrite` must not swap a system link for a file: any link is refused.
+    target = models.dir / "elsewhere.json"
+    target.write_text("kept")
+    link = models.dir / "report.json"
+    os.symlink(target, link)
+    code, _, err = cli(capsys, "rebasin", models.a, models.b, "-o", models.dir / "out.safetensors",
+                       "--report", link, "--overwrite", "-q")
+    assert code == 2
+    assert f"report.json: is a symbolic link (to {target}): refusing to replace it" in one_line_error(err)
+    assert link.is_symlink() and target.read_text() == "kept"
+    models.check("elsewhere.json", "report.json")
