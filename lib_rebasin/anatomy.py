@@ -232,6 +232,12 @@ EMA_PREFIX = "model_ema."  # a training copy of the UNet (LDM names without dots
 WEIGHT, BUFFER, MARKER, EMA = "weight", "buffer", "marker", "ema"
 
 
+def ema_key(unet_key: str) -> str:
+    """LDM's name of a UNet weight's EMA copy: 'model.diffusion_model.out.2.weight' ->
+    'model_ema.diffusion_modelout2weight'."""
+    return EMA_PREFIX + unet_key.removeprefix("model.").replace(".", "")
+
+
 def key_kind(key: str) -> str:
     """weight (merged), buffer (copied bit for bit: position_ids, schedules), marker or ema."""
     if key in PREDICTION_MARKERS:

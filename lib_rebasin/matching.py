@@ -707,7 +707,8 @@ _BLOCK_PATTERNS = [
     (re.compile(r"^model\.diffusion_model\.(middle_block)\."), "unet.{}"),
     (re.compile(r"^model\.diffusion_model\.(time_embed|label_emb|out)\."), "unet.{}"),
     (re.compile(r"^conditioner\.embedders\.0\.transformer\.text_model\.encoder\.layers\.(\d+)\."), "clip_l.layer{}"),
-    (re.compile(r"^conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\."), "clip_g.layer{}"),
+    (re.compile(r"^conditioner\.embedders\.[01]\.model\.transformer\.resblocks\.(\d+)\."), "clip_g.layer{}"),
+    (re.compile(r"^conditioner\.embedders\.0\.model\."), "clip_g.other"),  # the refiner's CLIP-G
     (re.compile(r"^conditioner\.embedders\.0\."), "clip_l.other"),
     (re.compile(r"^conditioner\.embedders\.1\."), "clip_g.other"),
 ]

@@ -13,9 +13,9 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .anatomy import ARCH_LABELS, SDXL_BASE, SDXL_REFINER, ArchitectureError, analyse
+from .anatomy import ARCH_LABELS, SDXL_BASE, SDXL_REFINER, ArchitectureError, analyse, ema_key
 from .config import SDXLConfig
-from .layout import component_prefixes
+from .layout import UNET, component_prefixes
 from .checkpoint import Checkpoint, SafetensorsWriter
 from .progress import SILENT, Monitor
 from .spec.core import Permutations, Spec, axis_indices, is_valid, random_permutations
@@ -136,6 +136,7 @@ def permute_file(src: str | os.PathLike, dst: str | os.PathLike, perms_or_seed: 
             seed = None
             perms = check_permutations(spec, perms_or_seed)
         by_key = spec.by_key()
+        twins = {ema_key(k): k for k in by_key if k.startswith(UNET)}  # an EMA copy moves with its weight
         note = {"spec_version": SPEC_VERSION, "seed": seed,
                 "components": sorted({name.split(".", 1)[0] for name in spec.groups})}
         metadata = dict(checkpoint.metadata, **{"lib_rebasin.permuted": json.dumps(note)})
@@ -145,7 +146,8 @@ def permute_file(src: str | os.PathLike, dst: str | os.PathLike, perms_or_seed: 
             for key in writer.keys:
                 info = checkpoint.infos[key]
                 tensor = checkpoint.get(key)
-                indices = axis_indices(by_key, key, info.shape, perms) if key in by_key else []
+                bound = twins.get(key, key)
+                indices = axis_indices(by_key, bound, info.shape, perms) if bound in by_key else []
                 if indices:
                     tensor = reorder(tensor, indices)
                     permuted.append(key)

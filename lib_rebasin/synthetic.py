@@ -17,7 +17,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .anatomy import EMA_PREFIX, SCHEDULE_BUFFERS, WEIGHT, analyse, key_kind
+from .anatomy import EMA_PREFIX, SCHEDULE_BUFFERS, WEIGHT, analyse, ema_key, key_kind
 from .checkpoint import Checkpoint, CheckpointError, SafetensorsWriter, TensorInfo
 from .config import BASE, REFINER, SDXLConfig, sdxl_preset
 from .layout import CLIP_G, POSITION_IDS, UNET, VAE, last_layer_keys, optional_keys, sdxl_shapes
@@ -68,11 +68,6 @@ def variant_config(scale: str, variants: tuple[str, ...]) -> SDXLConfig:
     if "inpaint" in variants:
         config = replace(config, unet=replace(config.unet, in_channels=9))
     return config
-
-
-def ema_key(unet_key: str) -> str:
-    """LDM's name of a UNet weight's EMA copy: 'model.diffusion_model.out.2.weight' -> 'model_ema.diffusion_modelout2weight'."""
-    return EMA_PREFIX + unet_key.removeprefix("model.").replace(".", "")
 
 
 def key_seed(seed: int, key: str) -> int:
@@ -300,4 +295,4 @@ def synthetic_shapes(scale: str = "full", *, unet_only: bool = False, markers: b
 
 
 __all__ = ["write_synthetic", "synthetic_shapes", "random_tensor", "synthetic_plan", "CheckpointError", "VARIANTS",
-           "parse_variants", "variant_config", "ema_key"]
+           "parse_variants", "variant_config"]

@@ -11,12 +11,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from lib_rebasin.anatomy import SDXL_BASE, SDXL_REFINER, STANDALONE_VAE, analyse, key_kind, prediction_type
+from lib_rebasin.anatomy import (SDXL_BASE, SDXL_REFINER, STANDALONE_VAE, analyse, ema_key, key_kind,
+                                  prediction_type)
 from lib_rebasin.checkpoint import Checkpoint
 from lib_rebasin.cli import main
 from lib_rebasin.config import REFINER, sdxl_preset
 from lib_rebasin.layout import CLIP_G_REFINER, CLIP_L, UNET, VAE, sdxl_shapes
-from lib_rebasin.synthetic import VARIANTS, ema_key, parse_variants, synthetic_shapes, write_synthetic
+from lib_rebasin.synthetic import VARIANTS, parse_variants, synthetic_shapes, write_synthetic
 
 CLIP_G = "conditioner.embedders.1.model."
 

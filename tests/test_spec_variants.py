@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lib_rebasin.anatomy import analyse
+from lib_rebasin.anatomy import analyse, ema_key
 from lib_rebasin.cli import main
 from lib_rebasin.config import REFINER
 from lib_rebasin.layout import UNET, last_layer_keys, optional_keys, sdxl_shapes
@@ -98,6 +98,10 @@ def test_permute_on_every_variant_computes_the_same(permuted_files, variants):
     inputs = random_inputs(config, seed=0, latent_size=8)
     reference = run(zero_filled(original, config), config, inputs)
     assert max_relative_error(reference, run(zero_filled(permuted, config), config, inputs)) <= EXACT
+    if "ema" in variants:  # the synthetic EMA copy equals its weight, and moves with it
+        written = safetensors.torch.load_file(str(dst))
+        twins = [k for k in original if k.startswith(UNET) and ema_key(k) in written]
+        assert twins and all(torch.equal(written[ema_key(k)], written[k]) for k in twins)
 
 
 @pytest.mark.parametrize("variants", ["refiner", "pruned,no-optional,no-vae"])
