@@ -310,3 +310,25 @@ def test_forge_frees_its_models_on_any_accelerator_and_empties_its_cache_after(s
     with host.job_room(_job("cpu")):
         pass
     assert "soft_empty_cache" not in memory_management.calls
+
+
+# --- `--device cuda` on a machine without CUDA ---------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["amp", "-M", "2"], ["rebasin", "--alpha", "0.5"]])
+def test_device_cuda_without_cuda_is_a_clear_error_before_anything_is_read(tiny_a, tiny_b, tmp_path, command):
+    """(This machine has no CUDA.)  One line on stderr, exit code 2, no output, and the inputs were not even
+    hashed (the hash cache stays empty)."""
+    import os
+    import subprocess
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cache = tmp_path / "cache"
+    out = tmp_path / "out.safetensors"
+    env = dict(os.environ, LIB_REBASIN_CACHE_DIR=str(cache))
+    done = subprocess.run([sys.executable, "-m", "lib_rebasin", command[0], str(tiny_a), str(tiny_b), *command[1:],
+                           "-o", str(out), "--device", "cuda"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'cuda' is not available here" in lines[0] and "CUDA" in lines[0], lines
+    assert not out.exists() and list(tmp_path.iterdir()) in ([], [cache])
+    assert not (cache / "sha256.json").exists()
