@@ -63,4 +63,20 @@ def file_error(error: OSError, path: str | os.PathLike | None = None, *, writing
     return (OutputError if writing else CheckpointError)(f"{Path(name)}: {what}")
 
 
-__all__ = ["CheckpointError", "OutputError", "file_error"]
+WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)}
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one line a user reads for a failure they can do something about (bad input or settings, a file
+    problem, no memory), the same in the CLI, the tab and the REST status; None for anything else (a bug)."""
+    from .anatomy import ArchitectureError
+    if isinstance(error, (CheckpointError, ValueError, ArchitectureError)):
+        return str(error)
+    if isinstance(error, OSError):
+        return str(file_error(error, writing=error.errno in WRITE_ERRNOS))
+    if isinstance(error, MemoryError):
+        return "out of memory: close other programs and try again; nothing was written"
+    return None
+
+
+__all__ = ["CheckpointError", "OutputError", "file_error", "user_message"]

@@ -719,3 +719,22 @@ def test_a_symbolic_link_is_never_replaced_nor_written_through(capsys, models):
     assert f"report.json: is a symbolic link (to {target}): refusing to replace it" in one_line_error(err)
     assert link.is_symlink() and target.read_text() == "kept"
     models.check("elsewhere.json", "report.json")
+
+
+def test_an_os_error_from_anywhere_is_the_librarys_one_line_and_a_bug_still_shows_its_traceback(capsys, models,
+                                                                                                monkeypatch):
+    from lib_rebasin import jobs
+    from lib_rebasin.errors import user_message
+    failing = models.dir / "gone.safetensors"
+    for error, says in ((OSError(errno.EIO, os.strerror(errno.EIO), str(failing)), "input/output error"),
+                        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(failing)), "the disk is full"),
+                        (MemoryError(), "out of memory: close other programs")):
+        monkeypatch.setattr(jobs, "run", lambda request, monitor, error=error: (_ for _ in ()).throw(error))
+        code, _, err = cli(capsys, "amp", models.a, models.b, "-o", models.dir / "out.safetensors", "-q")
+        assert code == 2
+        assert says in one_line_error(err) and "Errno" not in err
+        assert one_line_error(err) == f"error: {user_message(error)}"  # what the tab and REST show too
+    monkeypatch.setattr(jobs, "run", lambda request, monitor: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["amp", str(models.a), str(models.b), "-o", str(models.dir / "out.safetensors"), "-q"])
+    models.check()

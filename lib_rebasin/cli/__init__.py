@@ -8,7 +8,6 @@ stdlib imports run before the signal handlers are in place, so even Ctrl-C while
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
@@ -18,7 +17,6 @@ from ..interrupts import exit_code, stop_on_signals
 # Each module defines register(subparsers); a subcommand's handler is stored as its `func` default.
 COMMAND_MODULES = ("foundation", "merge", "ui", "spec", "rebasin")
 EXIT_REFUSED = 2
-_WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)}
 
 
 class UsageError(Exception):
@@ -59,22 +57,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    from ..anatomy import ArchitectureError
-    from ..errors import CheckpointError, file_error
+    from ..errors import user_message
     from ..progress import Cancelled
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (CheckpointError, ArchitectureError, UsageError, ValueError) as e:
-        error(e)
-    except BrokenPipeError:
+    except (BrokenPipeError, KeyboardInterrupt):
         raise
-    except OSError as e:
-        error(file_error(e, writing=e.errno in _WRITE_ERRNOS))
-    except MemoryError:
-        error("out of memory: close other programs and try again; nothing was written")
     except Cancelled:
         print("cancelled: no output was written", file=sys.stderr)
         return 130
+    except UsageError as e:
+        error(e)
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise  # a bug: its traceback is what a report needs
+        error(message)
     return EXIT_REFUSED
 
