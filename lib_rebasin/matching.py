@@ -3,23 +3,34 @@
 The objective is `Σ_k ⟨A_k, P(B)_k⟩` over every tensor the spec binds.  With every other group fixed, the
 part that depends on one group's permutation `p` is `Σ_i C[i, p[i]]` with `C = Σ_b A_b · B̃_bᵀ`, one product
 per binding `b` of the group (`A_b`, `B̃_b`: the bound window moved to the front and flattened, B with all other
-groups' current permutations applied).  Coordinate descent visits the groups in a seeded order and gives each
-the best valid permutation for its cost; a change is kept only when it beats the current one by more than a
-relative tolerance, and it marks the groups that share a tensor with it for another visit.  Matching stops when
-no group is marked.  A group that shares no tensor with another one is solved once.
+groups' current permutations applied).  Coordinate descent visits the groups and gives each a better valid
+permutation for its cost, the best one whenever the visit can prove it; a change is kept only when it beats
+the current one by more than a relative tolerance, and it marks the groups that share a tensor with it for
+another visit.  Matching stops when no group is marked: every group then holds the permutation its cost
+proves best.  A group that shares no tensor with another one is solved once.
 
-Speed.  The first sweep starts with a certification pass: the tensors are read once, in file order, and every
-group's cost is summed as its tensors go by; a group whose cost proves its current permutation optimal is
-done without the solver.  Only the others are visited one by one (in the seeded order), which for two
-fine-tunes of one base is almost none.  When bfloat16 products are faster than float32 on the device, costs
-are first computed in bfloat16 with a rigorous error bound (`costs.Partial`, `assignment.screen`); the float32
-cost is computed only for a group the approximate one cannot decide.  Tensors are read from the
-(memory-mapped) sources and upcast one at a time: no copy of a whole model is held.
+The order (`order.VisitOrder`): next, the group whose cost is expected to say the most, given which of its
+neighbours are settled; ties by a seeded rank.  Sweep 1 visits the best-informed group of each component
+first (the anchors).  If they keep their places, the models likely share a basis and the rest of the sweep
+starts with a certification pass: the tensors are read once, in file order, and every group's cost is summed
+as its tensors go by; a group whose cost proves its current permutation optimal is done without the solver
+(for two fine-tunes of one base, almost every group).  If an anchor moves, the models do not share a basis,
+and the groups are visited one by one outwards from the anchors, so that a cost is computed when the
+neighbours it depends on are already matched and is then decided by a certificate, not by a solver working
+on noise.  Later sweeps check the marked groups, with a certification pass when there are several.
+
+Precision.  When bfloat16 products are faster than float32 on the device, costs are first computed in
+bfloat16 with a rigorous error bound (`costs.Partial`, `assignment.screen`).  A bound that proves the
+optimum decides; one that proves only an improvement (the solver's answer on the approximate cost, whose
+gain stays positive within the bound) takes it and marks the group for another visit; otherwise the float32
+cost is computed and solved exactly.  Tensors are read from the (memory-mapped) sources and upcast one at a
+time: no copy of a whole model is held.
 """
 from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +41,7 @@ import torch
 
 from . import assignment, devices, precision
 from .costs import Partial, inner_product, inner_products, workspace_bytes
+from .order import Use, VisitOrder, expected_use
 from .progress import SILENT, Monitor
 from .spec.core import Binding, Group, Permutations, Spec, identity, is_identity
 
@@ -38,6 +50,7 @@ DEVICE_SLACK = 1 << 28        # device memory left unplanned (the allocator's ro
 CPU = torch.device("cpu")     # where a group goes when its device runs out of memory
 PENDING_DECISIONS = 2         # finished costs per worker that may wait for their decision in the pass
 PREFETCH_ELEMENTS = 1 << 27   # read-ahead hints cover about this many elements of each source at a time
+CERTIFY_AT = 4                # a sweep with at least this many groups to check starts with a certification pass
 
 
 class TensorSource(Protocol):
@@ -86,6 +99,7 @@ class SweepRecord:
     solver_solved: int
     screened: int               # groups decided by a proof from their cost, without the solver
     seconds: float
+    gain: float = 0.0           # objective gain of the groups that changed (estimated from their costs)
 
 
 @dataclass
@@ -107,6 +121,8 @@ class MatchReport:
     float32_product_bits: int = precision.FP32_FRACTION_BITS  # fraction bits float32 products kept (23: IEEE)
     memory_plan: int | None = None         # bytes matching may allocate on its device at most (None: on the CPU)
     cpu_fallback: list[str] = field(default_factory=list)  # groups computed on the CPU: the device ran out of memory
+    profile: dict[str, dict[str, float]] = field(default_factory=dict)  # per group kind: visits, time, solver calls
+    bytes_read: int = 0         # tensor bytes read from both models (repeats included; most come from the page cache)
 
     @property
     def solver_skipped(self) -> int:
@@ -124,6 +140,32 @@ class MatchReport:
 class MatchResult:
     perms: Permutations
     report: MatchReport
+
+
+@dataclass
+class _Visit:
+    moved: bool
+    proven: bool                # decided by a certificate, without the solver
+    gain: float = 0.0           # objective gain: exact from a float32 cost, estimated from a bfloat16 one
+    final: bool = True          # False: an improvement, not proven the best; the group needs another visit
+
+
+@dataclass
+class _Sweep:
+    """Where a sweep stands: groups still to check, groups to check again in the next sweep, tallies."""
+    number: int
+    pending: set[str]
+    monitor: Monitor
+    work: float
+    later: set[str] = field(default_factory=set)
+    visited: int = 0
+    changed: int = 0
+    proven: int = 0
+    gain: float = 0.0
+    done_work: float = 0.0
+
+    def message(self) -> str:
+        return f"sweep {self.number}: {self.visited} groups checked, {self.changed} moved, gain {self.gain:+.4g}"
 
 
 # --- the plan: which tensors each group reads ------------------------------------------------------------------
@@ -279,8 +321,13 @@ class _Matcher:
         self.stale: set[str] = set()                      # keys whose term needs recomputing
         self.undecided: set[str] = set()                  # groups the screening could not decide (unchanged since)
         self.count = assignment.SolverCount()
+        self.kind_of = {name: f"{name.split('.', 1)[0]}.{g.kind}" for name, g in plan.groups.items()}
+        self.profile: dict[str, dict[str, float]] = defaultdict(dict)
         self.workers = 1
         self.pool: ThreadPoolExecutor | None = None
+        self.open_sweeps: list[SweepRecord] = []
+        self.bytes_read = 0                               # tensor bytes read from both models, repeats included
+        self.lock = threading.Lock()
 
     # -- reading ---------------------------------------------------------------------------------------------
     @property
@@ -293,11 +340,16 @@ class _Matcher:
         self.monitor.check()
         a = self.a.get(key).to(device)
         b = self.b.get(key).to(device)
+        with self.lock:
+            self.bytes_read += a.nbytes + b.nbytes
         if a.shape != b.shape:
             raise ValueError(f"{key}: shapes differ between the models: {tuple(a.shape)} and {tuple(b.shape)}")
         if key not in self.first:
             self.first[key] = inner_products(a, _permuted(self.plan, key, b, self.initial))
             self.terms[key] = self.first[key][2]
+        elif key in self.stale:  # while it is here: its term under the current permutations
+            self.terms[key] = inner_product(a, _permuted(self.plan, key, b, self.perms))
+            self.stale.discard(key)
         return a, b
 
     def _contribute(self, key: str, targets: list[tuple[str, _KeyUse, Partial, int]]) -> None:
@@ -332,21 +384,29 @@ class _Matcher:
         return self.cpu_place
 
     def _term(self, key: str) -> None:
+        """Read a stale key: `_load` brings its term up to date."""
         try:
-            a, b = self._load(key, self.device)
-            self.terms[key] = inner_product(a, _permuted(self.plan, key, b, self.perms))
+            self._load(key, self.device)
         except Exception as e:
             if not self._out_of_memory(e):
                 raise
-            a, b = self._load(key, CPU)
-            self.terms[key] = inner_product(a, _permuted(self.plan, key, b, self.perms))
+            self._load(key, CPU)
+
+    def _close_sweep(self) -> None:
+        """The objective at the end of the last sweeps, before anything changes: the terms of the tensors read
+        since (by the next certification pass, most of them) are up to date, the others are read now."""
+        if self.open_sweeps:
+            self._update_terms()
+            for record in self.open_sweeps:  # nothing changed between them
+                record.objective = self.objective()
+            self.open_sweeps.clear()
 
     def _update_terms(self) -> None:
-        """Recompute ⟨A_k, P(B)_k⟩ for the keys whose permutations changed since it was last computed."""
+        """Recompute ⟨A_k, P(B)_k⟩ for the keys whose permutations changed since it was last computed (most
+        are recomputed as they are read for costs)."""
         start = time.perf_counter()
         for future in [self.pool.submit(self._term, key) for key in sorted(self.stale)]:
             future.result()
-        self.stale.clear()
         self.seconds["objective"] += time.perf_counter() - start
 
     def _read_order(self) -> list[str]:
@@ -364,16 +424,33 @@ class _Matcher:
             if hasattr(source, "prefetch"):
                 source.prefetch(keys)
 
+    def _prefetch_group(self, name: str) -> None:
+        """Read-ahead for a visit: the group's tensors not read yet, each on its own (a group's tensors can
+        be spread over the whole file); tensors read before are likely still in the page cache."""
+        for use in self.plan.uses[name]:
+            if use.key not in self.first:
+                self._prefetch([use.key])
+
     # -- one group ---------------------------------------------------------------------------------------------
     def _partial(self, name: str, exact: bool, place: _Place) -> Partial:
         return Partial(self.plan.groups[name].size, place.device, None if exact else place.screen_dtype,
                        place.arithmetic)
 
+    def _tally(self, name: str, field_name: str, value: float) -> None:
+        profile = self.profile[self.kind_of[name]]
+        profile[field_name] = profile.get(field_name, 0) + value
+
     def _cost(self, name: str, exact: bool, place: _Place) -> tuple[torch.Tensor, assignment.ErrorBound]:
         start = time.perf_counter()
+        self._tally(name, "gmac_exact" if exact or place.screen_dtype is None else "gmac_screen",
+                    self.plan.work[name] / 1e9)
         partial = self._partial(name, exact, place)
-        uses = self.plan.uses[name]
-        self._prefetch([use.key for use in uses])
+        uses = []  # one task per window of a matrix (GEGLU halves, fused q/k/v) to keep every worker busy
+        for use in self.plan.uses[name]:
+            if len(use.bindings) > 1 and len(self.plan.shapes[use.key]) > 1:
+                uses += [_KeyUse(use.key, use.axis, [b]) for b in use.bindings]
+            else:
+                uses.append(use)
         tasks = [self.pool.submit(self._contribute, use.key, [(name, use, partial, partial.ticket())]) for use in uses]
         for future in tasks:
             future.result()
@@ -389,19 +466,27 @@ class _Matcher:
         self.seconds["solve"] += time.perf_counter() - start
         return proven
 
-    def visit(self, name: str) -> tuple[bool, bool]:
-        """Give group `name` its best permutation. Returns (changed, decided without the solver by a proof).
-        A group the device has no memory for is computed on the CPU (from then on)."""
+    def visit(self, name: str) -> _Visit:
+        """Give group `name` a better permutation, the best one when the visit can prove it.  A group the device
+        has no memory for is computed on the CPU (from then on)."""
+        start, solved = time.perf_counter(), self.count.solved
+        outcome = None
         if name not in self.cpu_fallback:
             try:
-                return self._visit(name, self.place)
+                outcome = self._visit(name, self.place)
             except Exception as e:
                 if not self._out_of_memory(e):
                     raise
-            self.cpu_fallback.add(name)
-        return self._visit(name, self._cpu())
+                self.cpu_fallback.add(name)
+        if outcome is None:
+            outcome = self._visit(name, self._cpu())
+        for field_name, value in (("visits", 1), ("moved", outcome.moved), ("proven", outcome.proven),
+                                  ("solver_calls", self.count.solved - solved),
+                                  ("seconds", time.perf_counter() - start)):
+            self._tally(name, field_name, value)
+        return outcome
 
-    def _visit(self, name: str, place: _Place) -> tuple[bool, bool]:
+    def _visit(self, name: str, place: _Place) -> _Visit:
         layout = self.plan.layouts[name]
         current = self.perms[name]
         if name not in self.undecided and place.screen_dtype is not None:
@@ -409,51 +494,67 @@ class _Matcher:
             proven = self._prove(name, cost, bound)
             if proven is not None and torch.equal(proven, current):
                 self.count.needed += layout.naive_calls
-                return False, True
-            if proven is not None and self._improves(cost, bound, current, proven):
+                return _Visit(False, True)
+            gain = None if proven is None else self._gain(cost, bound, current, proven)
+            if gain is not None:
                 self.count.needed += layout.naive_calls
                 self._accept(name, proven)
-                return True, True
+                return _Visit(True, True, gain)
+            if proven is None:  # no proof: its neighbours may not be matched yet, so the cost is mostly noise
+                start = time.perf_counter()
+                candidate = assignment.solve(cost, layout, current, self.count)
+                self.seconds["solve"] += time.perf_counter() - start
+                gain = self._gain(cost, bound, current, candidate)
+                if gain is not None:  # better for certain, though maybe not the best: checked again later
+                    self._accept(name, candidate)
+                    return _Visit(True, False, gain, final=False)
         self.undecided.discard(name)
         cost, bound = self._cost(name, exact=True, place=place)
         start = time.perf_counter()
         candidate = assignment.solve(cost, layout, current, self.count)
-        improves = not torch.equal(candidate, current) and self._improves(cost, bound, current, candidate)
+        gain = self._gain(cost, bound, current, candidate)
         self.seconds["solve"] += time.perf_counter() - start
-        if not improves:
-            return False, False
+        if gain is None:
+            return _Visit(False, False)
         self._accept(name, candidate)
-        return True, False
+        return _Visit(True, False, gain)
 
-    def _improves(self, cost: torch.Tensor, bound: assignment.ErrorBound, current: torch.Tensor,
-                  candidate: torch.Tensor) -> bool:
-        """The acceptance test: `candidate` gains more than rtol × the cost's scale under the exact cost, whatever
-        the rounding of the computed one (so that every accepted change raises the exact objective)."""
-        return (assignment.certified_gain(cost, bound, current, candidate)
-                > self.options.rtol * assignment.scale_bound(cost, bound))
+    def _gain(self, cost: torch.Tensor, bound: assignment.ErrorBound | None, current: torch.Tensor,
+              candidate: torch.Tensor) -> float | None:
+        """The acceptance test: None unless `candidate` gains more than rtol × the cost's scale under the exact
+        cost, whatever the rounding of the computed one (so that every accepted change raises the exact
+        objective); else the gain the computed cost gives."""
+        if torch.equal(candidate, current):
+            return None
+        if (assignment.certified_gain(cost, bound, current, candidate)
+                <= self.options.rtol * assignment.scale_bound(cost, bound)):
+            return None
+        return assignment.permutation_value(cost, candidate) - assignment.permutation_value(cost, current)
 
     def _accept(self, name: str, perm: torch.Tensor) -> None:
+        self._close_sweep()
         self.perms[name] = perm
         self.stale.update(use.key for use in self.plan.uses[name])
         self.undecided -= self.plan.neighbours[name]
 
     # -- the certification pass ------------------------------------------------------------------------------
-    def certify(self, monitor: Monitor) -> set[str]:
-        """Read every bound tensor once and sum all groups' costs as their tensors go by; a group whose cost
-        proves its current permutation optimal is done.  Returns the groups that still need a visit.  No
-        permutation changes during the pass, so every cost is the one a visit would compute."""
+    def certify(self, groups: set[str], order: VisitOrder, monitor: Monitor) -> tuple[set[str], set[str], float]:
+        """Read the tensors of `groups` once, in file order, and sum their costs as the tensors go by.  A group
+        whose cost proves its current permutation optimal is done; one whose cost proves another permutation
+        takes it, unless a neighbour took one first in this pass (its cost is then out of date).  Returns the
+        groups that still need a visit, those that changed, and the (estimated) objective gain."""
         start_time = time.perf_counter()
         plan = self.plan
         exact = self.screen_dtype is None
-        left = {name: len(uses) for name, uses in plan.uses.items()}
-        use_of = {(use.key, name): use for name, uses in plan.uses.items() for use in uses}
+        left = {name: len(plan.uses[name]) for name in groups}
+        use_of = {(use.key, name): use for name in groups for use in plan.uses[name]}
         partials: dict[str, Partial] = {}
         futures: dict[str, list[Future]] = defaultdict(list)
         complete: deque[str] = deque()   # groups whose every tensor has been handed to the workers
         in_flight: deque[Future] = deque()
         decisions: list[Future] = []
         waiting: set[str] = set()
-        keys = self._read_order()
+        keys = [k for k in self._read_order() if any(g.name in groups for g, _ in plan.by_key[k])]
         sizes = [math.prod(plan.shapes[k]) for k in keys]
         total, done, fetched = max(sum(sizes), 1), 0, 0
 
@@ -479,13 +580,13 @@ class _Matcher:
                     batch_end += 1
                 self._prefetch(keys[fetched:batch_end])
                 fetched = batch_end
-            monitor.report(done / total, f"certification pass: {key}")
+            monitor.report(done / total, f"certification pass over {len(groups)} groups")
             for name in [n for n in partials if n in self.dropped and n not in complete]:  # out of memory
                 del partials[name]
                 futures.pop(name, None)
                 waiting.add(name)
             targets = []
-            for name in sorted({g.name for g, _ in plan.by_key[key]} - waiting - self.dropped):
+            for name in sorted({g.name for g, _ in plan.by_key[key]} & groups - waiting - self.dropped):
                 if name not in partials:
                     partials[name] = self._partial(name, exact, self.place)
                 targets.append((name, use_of[key, name], partials[name], partials[name].ticket()))
@@ -510,69 +611,101 @@ class _Matcher:
         hand_over_complete(block=True)
         for future in in_flight:
             future.result()
+        results = {}
         for future in decisions:
-            name, proven = future.result()
+            name, proven, gain = future.result()
             if name in self.dropped:
                 waiting.add(name)
                 continue
-            if proven is not None and torch.equal(proven, self.perms[name]):
+            self._tally(name, "gmac_pass", plan.work[name] / 1e9)
+            results[name] = (proven, gain)
+        total_gain = 0.0
+        moved: set[str] = set()
+        for name in order.best(results):  # a fixed order, whatever the threads' timing
+            proven, gain = results[name]
+            same = proven is not None and torch.equal(proven, self.perms[name])
+            if same or (gain is not None and not plan.neighbours[name] & moved):
                 self.count.needed += plan.layouts[name].naive_calls
+                self._tally(name, "passed", 1)
+                if not same:
+                    self._tally(name, "moved", 1)
+                    self._accept(name, proven)
+                    moved.add(name)
+                    total_gain += gain
                 continue
             waiting.add(name)
             if proven is None and not exact:
                 self.undecided.add(name)
         self.seconds["certify"] += time.perf_counter() - start_time
-        return waiting | set(partials)
+        return waiting | set(partials), moved, total_gain
 
-    def _decide(self, name: str, partial: Partial) -> tuple[str, torch.Tensor | None]:
-        """(name, the optimum its finished cost proves or None): a worker-thread task."""
+    def _decide(self, name: str, partial: Partial) -> tuple[str, torch.Tensor | None, float | None]:
+        """(name, the optimum its finished cost proves or None, the estimated gain if it is worth taking): a
+        worker-thread task."""
         try:
             cost, bound = partial.finish()
-            return name, assignment.screen(cost, self.plan.layouts[name], bound)
+            proven = assignment.screen(cost, self.plan.layouts[name], bound)
+            gain = None if proven is None else self._gain(cost, bound, self.perms[name], proven)
+            return name, proven, gain
         except Exception as e:
             if not self._out_of_memory(e):
                 raise
             self.dropped.add(name)
-            return name, None
+            return name, None, None
 
     # -- sweeps ----------------------------------------------------------------------------------------------
+    def _order_uses(self) -> dict[str, list[Use]]:
+        plan = self.plan
+        out = {}
+        for name, uses in plan.uses.items():
+            out[name] = [expected_use(plan.shapes[use.key], use.axis, sum(b.width for b in use.bindings),
+                                      plan.groups[name].size,
+                                      {g.name for g, b in plan.by_key[use.key] if b.axis != use.axis})
+                         for use in uses]
+        return out
+
+    def _anchors(self, order: VisitOrder) -> list[str]:
+        """The best-informed group of each component: visited first, they tell whether the models share a basis."""
+        best: dict[str, str] = {}
+        for name in order.best(self.plan.groups):
+            best.setdefault(name.split(".", 1)[0], name)
+        return [best[c] for c in sorted(best)]
+
     def run(self) -> MatchReport:
         plan, options = self.plan, self.options
         started = time.perf_counter()
         names = sorted(plan.groups)
+        order = VisitOrder(self._order_uses(), options.seed)
         sweeps: list[SweepRecord] = []
         converged = False
+        dirty = set(names)
         for sweep in range(1, options.max_sweeps + 1):
             sweep_start = time.perf_counter()
             before = assignment.SolverCount(self.count.needed, self.count.solved)
-            if sweep == 1:
-                dirty = self.certify(self.monitor.scaled(0.0, 0.6))
-                certified = len(names) - len(dirty)
-                span = (0.6, 0.9)
-            else:
-                certified = 0
-                span = (1 - 0.1 * 0.5 ** (sweep - 2), 1 - 0.1 * 0.5 ** (sweep - 1))
-            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + sweep)
-            order = [names[i] for i in torch.randperm(len(names), generator=generator).tolist() if names[i] in dirty]
-            changed, screened = 0, certified
-            sweep_work = sum(plan.work[n] for n in order) or 1.0
-            done = 0.0
-            for name in order:
-                self.monitor.report(span[0] + (span[1] - span[0]) * done / sweep_work, f"sweep {sweep}: {name}")
-                dirty.discard(name)
-                moved, proven = self.visit(name)
-                screened += proven
-                if moved:
-                    changed += 1
-                    dirty |= plan.neighbours[name]
-                done += plan.work[name]
-            self._update_terms()
-            sweeps.append(SweepRecord(sweep, len(names) if sweep == 1 else len(order), changed, self.objective(),
+            span = (0.0, 0.85) if sweep == 1 else (1 - 0.15 * 0.5 ** (sweep - 2), 1 - 0.15 * 0.5 ** (sweep - 1))
+            sweep_state = _Sweep(sweep, set(dirty), self.monitor.scaled(*span), sum(plan.work[n] for n in dirty))
+            order.settle(set(names) - dirty)
+            order.unsettle(dirty)
+            if sweep == 1:  # the anchors first: if they keep their places, B likely shares A's basis
+                for name in self._anchors(order):
+                    self._prefetch_group(name)
+                    self._visit_in_sweep(name, sweep_state, order)
+            if not (sweep == 1 and sweep_state.changed) and len(sweep_state.pending) >= CERTIFY_AT:
+                self._certify_in_sweep(sweep_state, order)
+            sequence = order.sequence(sweep_state.pending)  # the order does not depend on what visits find
+            for index, name in enumerate(sequence):
+                if index + 1 < len(sequence):
+                    self._prefetch_group(sequence[index + 1])
+                self._visit_in_sweep(name, sweep_state, order)
+            sweeps.append(SweepRecord(sweep, sweep_state.visited, sweep_state.changed, math.nan,
                                       self.count.needed - before.needed, self.count.solved - before.solved,
-                                      screened, time.perf_counter() - sweep_start))
+                                      sweep_state.proven, time.perf_counter() - sweep_start, sweep_state.gain))
+            self.open_sweeps.append(sweeps[-1])  # its objective is summed when a permutation next changes
+            dirty = sweep_state.later
             if not dirty:
                 converged = True
                 break
+        self._close_sweep()
         self.seconds["total"] = time.perf_counter() - started
         return MatchReport(
             groups=len(names), uncoupled=sum(1 for n in names if not plan.neighbours[n]),
@@ -586,7 +719,40 @@ class _Matcher:
             screen_dtype=str(self.screen_dtype).removeprefix("torch.") if self.screen_dtype else None,
             seed=options.seed, float32_product_bits=self.place.arithmetic.float32_fraction_bits,
             memory_plan=None if self.device == CPU else device_memory(self.plan, self.pass_memory),
-            cpu_fallback=sorted(self.cpu_fallback))
+            cpu_fallback=sorted(self.cpu_fallback), bytes_read=self.bytes_read,
+            profile={k: {f: round(v, 3) for f, v in p.items()} for k, p in sorted(self.profile.items())})
+
+    def _visit_in_sweep(self, name: str, state: "_Sweep", order: VisitOrder) -> None:
+        state.monitor.report(state.done_work / max(state.work, 1.0), state.message())
+        state.pending.discard(name)
+        outcome = self.visit(name)
+        order.settle([name])
+        state.visited += 1
+        state.proven += outcome.proven
+        state.done_work += self.plan.work[name]
+        if outcome.moved:
+            state.changed += 1
+            state.gain += outcome.gain
+            state.later |= self.plan.neighbours[name] - state.pending
+        if not outcome.final:
+            state.later.add(name)
+
+    def _certify_in_sweep(self, state: "_Sweep", order: VisitOrder) -> None:
+        pending = state.pending
+        work = sum(self.plan.work[n] for n in pending)
+        start = state.done_work / max(state.work, 1.0)
+        monitor = state.monitor.scaled(start, start + (1 - start) * 0.8)
+        left, moved, gain = self.certify(set(pending), order, monitor)
+        decided = pending - left
+        state.visited += len(decided)
+        state.proven += len(decided)
+        state.changed += len(moved)
+        state.gain += gain
+        for name in moved:  # the proofs of its neighbours used its old permutation
+            state.later |= self.plan.neighbours[name] - left
+        pending -= decided
+        order.settle(decided)
+        state.done_work += work - sum(self.plan.work[n] for n in pending)
 
     def objective(self) -> float:
         return sum(self.terms[key] for key in self.plan.by_key if key in self.terms)  # a fixed order: same sums
@@ -698,6 +864,19 @@ def objective(spec: Spec, a, b, perms: Permutations) -> float:
         ta, tb = a.get(key).double(), b.get(key).double()
         total += float((ta * _permuted(plan, key, tb, perms)).sum())
     return total
+
+
+def group_cost(spec: Spec, a, b, perms: Permutations, name: str, *, low: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, assignment.ErrorBound | None]:
+    """The cost matrix a visit of group `name` computes with every other group at `perms` (on the CPU, in
+    float32, or in `low` precision with its error bound): for diagnostics and benchmarks."""
+    a, b = as_source(a), as_source(b)
+    plan = make_plan(spec, a.shapes)
+    partial = Partial(plan.groups[name].size, torch.device("cpu"), low)
+    for use in plan.uses[name]:
+        partial.add(a.get(use.key), _permuted(plan, use.key, b.get(use.key), perms, skip=name), use.bindings,
+                    partial.ticket())
+    return partial.finish()
 
 
 # --- report labels -------------------------------------------------------------------------------------------
