@@ -27,7 +27,7 @@ from .permute import check_permutations
 from .spec.core import Permutations, Spec
 from .spec.sdxl import SPEC_VERSION
 
-MATCHING_VERSION = "2"       # bump when matching would give other permutations for the same inputs and settings
+MATCHING_VERSION = "3"       # bump when matching would give other permutations for the same inputs and settings
 CACHE_SUFFIX = ".rebasin-perms"
 
 
