@@ -9,6 +9,7 @@ import os
 import runpy
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -348,6 +349,31 @@ def test_a_merge_short_of_ram_unloads_the_webuis_model_and_loads_it_again(webui,
         assert during == {"model": None, "kept": []} and model.device == "meta"
         assert webui.sd_models.loads[-1] is model.sd_checkpoint_info
     assert data.sd_model is not model and data.sd_model.sd_checkpoint_info is model.sd_checkpoint_info
+
+
+@pytest.mark.parametrize("webui", [pytest.param("a1111", marks=A1111)], indirect=True)
+def test_a_merge_waits_for_the_webuis_first_model_load_before_judging_memory(webui, monkeypatch):
+    """A1111 loads its model at startup in a thread: a merge started meanwhile waits for that load, then makes
+    room, instead of running beside a model that is still being built."""
+    from lib_rebasin.host import memory
+    webui.build_ui()
+    a, b = _titles(webui)
+    data = webui.sd_models.model_data
+    monkeypatch.setattr(memory, "available_ram", lambda: 1)
+    data.lock.acquire()
+
+    def startup_load():
+        time.sleep(1.0)
+        webui.sd_models.load_model(webui.sd_models.get_closet_checkpoint_match(a))
+        data.lock.release()
+    loader = threading.Thread(target=startup_load)
+    loader.start()
+    progress = ProgressRecorder()
+    path_out, html = handler(webui.demo, "merge")(progress, *webui.values(a, b, output_name="waited"))
+    loader.join()
+    assert path_out and "was unloaded to make room in RAM" in html
+    assert progress.calls[0][1] == "waiting for the webui to finish loading its model"
+    assert len(webui.sd_models.loads) == 2  # the startup load, and the load after the merge
 
 
 def test_with_room_to_spare_the_model_stays(webui, monkeypatch):

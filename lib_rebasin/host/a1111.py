@@ -113,6 +113,11 @@ class A1111Host(Host):
         (`send_model_to_device`); a model in RAM is dropped (`send_model_to_trash`, like a checkpoint switch
         does) and built again from its file (`load_model`)."""
         from modules import sd_models
+        loading = getattr(sd_models.model_data, "lock", None)  # held while the webui loads its first model
+        if loading is not None and loading.locked():
+            say("waiting for the webui to finish loading its model")
+            with loading:
+                pass
         model = sd_models.model_data.sd_model  # not shared.sd_model: reading that would load a model
         device = _model_device(model)
         if device is None:

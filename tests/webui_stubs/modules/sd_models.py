@@ -87,9 +87,11 @@ def get_closet_checkpoint_match(search_string):
 
 class SdModelData:
     def __init__(self):
+        import threading
         self.sd_model = None
         self.loaded_sd_models = []
         self.was_loaded_at_least_once = False
+        self.lock = threading.Lock()  # held by the first load (A1111 loads at startup in a thread)
 
 
 model_data = SdModelData()
